@@ -1,0 +1,50 @@
+"""The MONAI Label app: wiring only. Models, transforms and tasks live in lib/ at the repository root."""
+
+import logging
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # MONAI Label puts only this folder on the path; lib/ is beside it
+    sys.path.insert(0, REPO_ROOT)
+
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.config import TaskConfig  # noqa: E402
+
+from lib.configs.litemedsam import LiteMedSAMConfig  # noqa: E402
+from lib.configs.meta_sam import MetaSAMConfig  # noqa: E402
+from lib.configs.settings import load_settings, resolve_path  # noqa: E402
+from lib.errors import not_found  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class PromptableSAMApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        settings = load_settings(conf)
+        model_dir = resolve_path(settings["models_dir"], app_dir)
+        self.task_configs: dict[str, TaskConfig] = {"litemedsam": LiteMedSAMConfig()}
+        if settings.get("sam_checkpoint"):
+            self.task_configs[f"sam_{settings['sam_variant']}"] = MetaSAMConfig()
+        for name, config in self.task_configs.items():
+            config.init(name, model_dir, conf, None)
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Promptable medical SAM",
+                         description="Click, box or prompt medical images with SAM-family foundation models",
+                         version="0.1.0")
+
+    def init_infers(self):
+        infers = {}
+        for config in self.task_configs.values():
+            infers.update(config.infer())
+        return infers
+
+    def init_trainers(self):
+        return {}
+
+    def infer(self, request, datastore=None):
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            store = datastore or self.datastore()
+            if not store.get_image_uri(image):
+                raise not_found(f"unknown image {image!r}: it is not in the datastore")
+        return super().infer(request, datastore)

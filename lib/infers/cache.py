@@ -1,0 +1,72 @@
+"""Bounded, thread-safe caches for loaded images and image embeddings.
+
+MONAI Label may run inference from a thread pool and several clients may click at once, so the caches lock
+their bookkeeping, and a value that is being computed for one request is awaited, not recomputed, by another
+request that needs the same key (two fast clicks on a fresh slice encode it once).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
+
+
+class LRUCache:
+    """Least-recently-used cache holding at most `max_items` values."""
+
+    def __init__(self, max_items: int):
+        if max_items < 1:
+            raise ValueError(f"cache size must be at least 1, got {max_items}")
+        self.max_items = max_items
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._pending: dict[Hashable, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> tuple[Any, bool]:
+        """The cached value for `key` and True, or `compute()`'s value (now cached) and False."""
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return self._items[key], True
+                pending = self._pending.get(key)
+                if pending is None:
+                    pending = self._pending[key] = threading.Event()
+                    self.misses += 1
+                    break
+            pending.wait()  # another request is computing it; then look again (it may have failed)
+        try:
+            value = compute()
+            with self._lock:
+                self._items[key] = value
+                self._items.move_to_end(key)
+                while len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+            return value, False
+        finally:
+            with self._lock:
+                self._pending.pop(key).set()
+
+    def discard_where(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Drop every entry whose key matches; returns how many were dropped."""
+        with self._lock:
+            stale = [k for k in self._items if predicate(k)]
+            for k in stale:
+                del self._items[k]
+            return len(stale)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()

@@ -1,0 +1,155 @@
+"""MONAI Label infer task: clicks or a box on one slice -> a label volume in the image's geometry.
+
+The request path is kept short on purpose (MONAI Label runs /infer on its event loop): the loaded image, its
+intensity range and each slice's embedding are cached; the result is written with a fast writer. Nothing heavy
+happens at app start: the model is built on the first request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, Tuple, Union
+
+import numpy as np
+import torch
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from ..errors import bad_request, not_found
+from ..transforms.intensity import apply_intensity_range, compute_intensity_range, parse_ct_window, resolve_modality
+from ..transforms.geometry import extract_slice, in_plane_axes
+from ..volumes import LoadedImage, load_image, fingerprint, write_label
+from .cache import LRUCache
+from .predictor import PredictorSettings, PromptPredictor
+from .prompts import parse_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present (or asked for and present), else CPU; never fails on a CPU-only machine."""
+    if requested and str(requested).startswith("cuda") and torch.cuda.is_available():
+        return torch.device(requested)
+    if requested in (None, "", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class SamInteractiveInfer(InferTask):
+    """Promptable 2D segmentation with a SAM-family model, slice by slice on 3D volumes."""
+
+    def __init__(self, model_factory: Callable[[torch.device], torch.nn.Module], labels=("object",),
+                 description: str = "Promptable medical SAM: clicks or a box on a slice",
+                 device: str | None = None, image_cache_size: int = 4, embedding_cache_size: int = 64,
+                 settings: PredictorSettings | None = None, default_modality: str | None = None,
+                 default_ct_window=None):
+        super().__init__(
+            type=InferType.DEEPGROW,  # Slicer and OHIF show a click/box tool for deepgrow-type models
+            labels=list(labels),
+            dimension=2,  # one slice per request: Slicer then sends that slice's points and merges the slice
+            description=description,
+            config={"modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
+                    "axis": 2, "zoom": True},
+        )
+        self.model_factory = model_factory
+        self.device = pick_device(device)
+        self.images = LRUCache(image_cache_size)
+        self.embeddings = LRUCache(embedding_cache_size)
+        self.settings = settings or PredictorSettings()
+        self._model = None
+        self._model_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def is_valid(self) -> bool:
+        return True
+
+    @property
+    def model(self) -> torch.nn.Module:
+        with self._model_lock:
+            if self._model is None:
+                start = time.perf_counter()
+                self._model = self.model_factory(self.device).eval()
+                logger.info(f"Loaded {type(self._model).__name__} on {self.device} in {time.perf_counter() - start:.1f}s")
+            return self._model
+
+    def predictor(self, zoom: bool) -> PromptPredictor:
+        settings = self.settings if zoom == self.settings.zoom else PredictorSettings(
+            **{**self.settings.__dict__, "zoom": zoom})
+        return PromptPredictor(self.model, self.device, self.embeddings, settings)
+
+    def clear_cache(self) -> None:
+        self.images.clear()
+        self.embeddings.clear()
+
+    # -- request ---------------------------------------------------------------------------------------------
+    def image(self, path: str) -> tuple[LoadedImage, bool]:
+        key = fingerprint(path)
+        # A changed file has a new fingerprint; drop what was cached for its old content.
+        stale = lambda k: k[0] == key[0] and k != key
+        if self.images.discard_where(stale):
+            self.embeddings.discard_where(lambda k: k[1][0] == key[0] and k[1] != key)
+        return self.images.get_or_compute(key, lambda: load_image(key[0]))
+
+    def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
+        begin = time.perf_counter()
+        req = {**self.config(), **request}
+        path = req.get("image")
+        if not path or not isinstance(path, str):
+            raise not_found("image not found in the datastore")
+        image, image_hit = self.image(path)
+        load_ms = (time.perf_counter() - begin) * 1000
+
+        prompt = parse_prompt(req, image.spatial_shape)
+        try:
+            modality = resolve_modality(req.get("modality") or None, image.meta, image.array.numpy(), image.is_rgb)
+            ct_window = parse_ct_window(req.get("ct_window") or None) if modality == "CT" else None
+        except ValueError as e:
+            raise bad_request(str(e)) from e
+        range_key = (modality, ct_window)
+        if range_key not in image.intensity_ranges:
+            image.intensity_ranges[range_key] = compute_intensity_range(image.array.numpy(), modality, ct_window)
+        intensity = image.intensity_ranges[range_key]
+
+        raw_slice = extract_slice(image.array[:3], prompt.axis, prompt.index)
+        slice_image = apply_intensity_range(raw_slice, intensity, "unit")
+        cache_key = ("model", image.fingerprint, range_key, prompt.axis, prompt.index)
+        mask, info = self.predictor(_truthy(req.get("zoom", True))).predict(slice_image, prompt, cache_key)
+
+        label_value = int(req.get("label_value", 1))
+        label = self._to_volume(mask.astype(np.uint8) * label_value, image, prompt.axis, prompt.index)
+        write_start = time.perf_counter()
+        path_out = write_label(label, image, req.get("result_extension"), req.get("result_dtype"))
+        write_ms = (time.perf_counter() - write_start) * 1000
+
+        result = {
+            "label_names": {str(self.labels[0]) if self.labels else "object": label_value},
+            "slice": prompt.index, "axis": prompt.axis, "modality": modality,
+            "mask_voxels": int(mask.sum()),
+            "cache": {"image_hit": image_hit, "embedding_hit": info["encoder_runs"] == 0,
+                      "encoder_runs": info["encoder_runs"]},
+            "zoom": {"applied": info["zoomed"], "window_rc": info["window"]},
+            "box_rc": info["box_rc"], "predicted_iou": info["predicted_iou"],
+            "device": str(self.device),
+            "latencies": {"load_ms": round(load_ms, 1), "model_ms": info["model_ms"], "write_ms": round(write_ms, 1),
+                          "total_ms": round((time.perf_counter() - begin) * 1000, 1)},
+        }
+        logger.info(f"infer {path}: slice {prompt.index} axis {prompt.axis} -> {result['mask_voxels']} voxels; "
+                    f"{result['latencies']} cache {result['cache']}")
+        return path_out, result
+
+    @staticmethod
+    def _to_volume(mask: np.ndarray, image: LoadedImage, axis, index) -> np.ndarray:
+        """Put a (rows, cols) slice mask back into an empty label of the image's spatial shape."""
+        if axis is None:
+            return np.ascontiguousarray(mask.T)
+        label = np.zeros(image.spatial_shape, dtype=mask.dtype)
+        col_axis, row_axis = in_plane_axes(axis)
+        plane = [slice(None)] * 3
+        plane[axis] = index
+        label[tuple(plane)] = mask.T  # (rows, cols) -> (col_axis, row_axis) order of the remaining axes
+        return label
+
+
+def _truthy(value) -> bool:
+    return str(value).strip().lower() not in ("0", "false", "no", "off", "")

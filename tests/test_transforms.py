@@ -1,0 +1,96 @@
+"""Preprocessing: per-modality intensity rules and the slice/crop/resize geometry that maps masks back."""
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose
+
+from lib.transforms import (CropToModelInputd, ExtractSliced, ModelFrame, RepeatChannelsd, ScaleIntensityByModalityd,
+                            Window, compute_intensity_range, crop_window, extract_slice, resize_to_model,
+                            resolve_modality, voxel_to_slice)
+
+
+def test_ct_window_clips_hounsfield_units_to_unit_range():
+    hu = np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0], dtype=np.float32)
+    out = ScaleIntensityByModalityd("image", output="unit")({"image": hu, "modality": "CT", "ct_window": "soft_tissue"})
+    # soft tissue window: level 40, width 400 -> [-160, 240]
+    np.testing.assert_allclose(out["image"], [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+
+
+def test_mr_percentile_clipping_ignores_zero_background_and_outliers():
+    rng = np.random.default_rng(0)
+    volume = np.zeros((40, 40, 40), dtype=np.float32)
+    volume[10:30, 10:30, 10:30] = rng.uniform(100, 500, size=(20, 20, 20))
+    volume[20, 20, 20] = 1e6  # a single hot voxel must not squash the contrast
+    r = compute_intensity_range(volume, "MR")
+    assert 100 <= r.low < 110 and 490 < r.high <= 500
+    out = ScaleIntensityByModalityd("image", output="zscore")({"image": volume, "modality": "MR"})
+    inside = out["image"][10:30, 10:30, 10:30]
+    assert abs(float(inside.mean())) < 0.05 and abs(float(inside.std()) - 1) < 0.05
+
+
+def test_rgb_is_kept_as_is_scaled_to_unit():
+    image = np.full((3, 4, 4), 255, dtype=np.float32)
+    out = ScaleIntensityByModalityd("image")({"image": image, "modality": "RGB"})
+    assert float(out["image"].max()) == 1.0
+
+
+def test_modality_resolution_prefers_request_then_metadata_then_values():
+    ct_like = np.full((4, 4, 4), -1000.0)
+    assert resolve_modality("mr", {}, ct_like, False) == "MR"
+    assert resolve_modality(None, {"00080060": {"vr": "CS", "Value": ["CT"]}}, np.zeros((4, 4, 4)), False) == "CT"
+    assert resolve_modality(None, {}, ct_like, False) == "CT"
+    assert resolve_modality(None, {}, np.ones((4, 4, 4)), False) == "MR"
+    assert resolve_modality(None, {}, np.ones((3, 4, 4)), True) == "RGB"
+    with pytest.raises(ValueError, match="unknown modality"):
+        resolve_modality("PET-CT", {}, ct_like, False)
+
+
+def test_slice_extraction_puts_first_in_plane_axis_on_columns():
+    volume = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
+    for axis in range(3):
+        for index in range(volume.shape[axis + 1]):
+            plane = extract_slice(volume, axis, index)
+            point = [1, 2, 3]
+            point[axis] = index
+            point = [min(p, s - 1) for p, s in zip(point, volume.shape[1:])]
+            row, col = voxel_to_slice(point, axis)
+            assert plane[0, int(row), int(col)] == volume[0, point[0], point[1], point[2]]
+
+
+def test_crop_resize_and_back_recovers_a_mask_exactly_enough():
+    rng = np.random.default_rng(1)
+    slice_shape = (181, 217)
+    mask = np.zeros(slice_shape, dtype=np.float32)
+    mask[60:90, 100:140] = 1
+    for window in (Window.whole(slice_shape), Window(40, 80, 64, 64), Window(-20, 90, 100, 100)):
+        frame = ModelFrame(window, 256)
+        model_input = resize_to_model(crop_window(torch.as_tensor(mask)[None], window), frame)
+        assert model_input.shape == (1, 256, 256)
+        logits = model_input[0] * 2 - 1  # a "model" that returns its input as logits
+        back = frame.paste(frame.logits_to_window(logits) > 0, slice_shape, fill=False).numpy()
+        expected = crop_window(torch.as_tensor(mask)[None], window)[0].numpy() > 0
+        expected = frame.paste(torch.as_tensor(expected), slice_shape, fill=False).numpy()
+        inter = (back & expected).sum()
+        dice = 2 * inter / (back.sum() + expected.sum())
+        assert dice > 0.97, (window, dice)
+    del rng
+
+
+def test_points_and_boxes_map_into_the_model_frame():
+    frame = ModelFrame(Window(10, 20, 100, 50), 256)  # scaled x2.56, then padded on the right
+    xy = frame.points_to_model(np.array([[10, 20], [110, 70]]))
+    np.testing.assert_allclose(xy, [[0, 0], [128, 256]], atol=1e-4)
+    np.testing.assert_allclose(frame.box_to_model((10, 20, 110, 70)), [0, 0, 128, 256], atol=1e-4)
+
+
+def test_composed_preprocessing_gives_three_channel_model_input():
+    volume = torch.linspace(-1000, 1000, 64 * 48 * 5).reshape(1, 64, 48, 5)
+    pipeline = Compose([
+        ScaleIntensityByModalityd("image"), ExtractSliced("image"), CropToModelInputd("image", size=256),
+        RepeatChannelsd("image"),
+    ])
+    out = pipeline({"image": volume, "modality": "CT", "ct_window": [0, 2000], "axis": 2, "slice": 3})
+    assert out["image"].shape == (3, 256, 256)
+    assert out["frame"].window == Window(0, 0, 48, 64)
+    assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
