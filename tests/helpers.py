@@ -1,0 +1,94 @@
+"""Shared test helpers: a real MONAI Label server on loopback, Dice, reading label files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import requests
+
+from lib.evaluation import dice  # noqa: F401  (re-exported for the tests)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DATA = os.path.join(REPO, "sample-data")
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_label(path: str) -> np.ndarray:
+    """A label file as an array in voxel order (NIfTI, NRRD) or (X, Y) for PNG."""
+    if path.endswith(".nrrd"):
+        import nrrd
+
+        return nrrd.read(path)[0]
+    if path.endswith((".nii", ".nii.gz")):
+        return np.asarray(nib.load(path).dataobj)
+    from PIL import Image
+
+    return np.asarray(Image.open(path)).T
+
+
+class Server:
+    """`monailabel start_server` on 127.0.0.1 with our app over a copy of the sample data."""
+
+    def __init__(self, studies: str, log_path: str, app: str = os.path.join(REPO, "apps")):
+        self.studies = studies
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process = None
+
+    def start(self, timeout: float = 180.0) -> "Server":
+        env = {**os.environ, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "PYTHONUNBUFFERED": "1"}
+        monailabel = os.path.join(os.path.dirname(sys.executable), "monailabel")
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [monailabel, "start_server", "--app", self.app, "--studies", self.studies,
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; log:\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not answer within {timeout}s; log:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        with open(self.log_path) as f:
+            return "".join(f.readlines()[-n:])
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if getattr(self, "log", None):
+            self.log.close()
+
+
+def copy_sample_data(destination: str) -> str:
+    shutil.copytree(SAMPLE_DATA, destination, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
+    return destination
