@@ -110,12 +110,16 @@ def test_slicer_click_on_ct_returns_an_nrrd_volume(server, tmp_path):
     assert score >= 0.90  # measured 0.98 on the default soft-tissue window
 
 
-def test_second_click_on_a_slice_reuses_the_embedding(server):
+def test_second_click_on_a_slice_reuses_the_embedding(server, tmp_path):
     params = {"foreground": [[90, 110, 70]], "background": [], "result_extension": ".nii.gz"}
     post_infer(server, "colin27_t1", params)
     second = post_infer(server, "colin27_t1", {**params, "foreground": [[91, 111, 70]]})
-    result, _ = decode_multipart(second, "/tmp")
+    result, _ = decode_multipart(second, tmp_path)
     assert result["cache"] == {"image_hit": True, "embedding_hit": True, "encoder_runs": 0}
+    # A refinement click on the same object (same first click, one more) reuses that object's box.
+    third = post_infer(server, "colin27_t1", {**params, "foreground": [[91, 111, 70], [95, 112, 70]]})
+    result, _ = decode_multipart(third, tmp_path)
+    assert result["refined_object"] and result["cache"]["encoder_runs"] == 0
 
 
 def test_box_on_2d_nuclei_image(server, client):

@@ -21,7 +21,7 @@ from ..transforms.intensity import apply_intensity_range, compute_intensity_rang
 from ..transforms.geometry import extract_slice, in_plane_axes
 from ..volumes import LoadedImage, load_image, fingerprint, write_label
 from .cache import LRUCache
-from .predictor import PredictorSettings, PromptPredictor
+from .predictor import ObjectMemory, PredictorSettings, PromptPredictor
 from .prompts import parse_prompt
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class SamInteractiveInfer(InferTask):
         self.device = pick_device(device)
         self.images = LRUCache(image_cache_size)
         self.embeddings = LRUCache(embedding_cache_size)
+        self.objects = ObjectMemory()
         self.settings = settings or PredictorSettings()
         self._model = None
         self._model_lock = threading.Lock()
@@ -76,11 +77,12 @@ class SamInteractiveInfer(InferTask):
     def predictor(self, zoom: bool) -> PromptPredictor:
         settings = self.settings if zoom == self.settings.zoom else PredictorSettings(
             **{**self.settings.__dict__, "zoom": zoom})
-        return PromptPredictor(self.model, self.device, self.embeddings, settings)
+        return PromptPredictor(self.model, self.device, self.embeddings, self.objects, settings)
 
     def clear_cache(self) -> None:
         self.images.clear()
         self.embeddings.clear()
+        self.objects.discard_where(lambda k: True)
 
     # -- request ---------------------------------------------------------------------------------------------
     def image(self, path: str) -> tuple[LoadedImage, bool]:
@@ -88,7 +90,9 @@ class SamInteractiveInfer(InferTask):
         # A changed file has a new fingerprint; drop what was cached for its old content.
         stale = lambda k: k[0] == key[0] and k != key
         if self.images.discard_where(stale):
-            self.embeddings.discard_where(lambda k: k[1][0] == key[0] and k[1] != key)
+            changed = lambda k: k[1][0] == key[0] and k[1] != key
+            self.embeddings.discard_where(changed)
+            self.objects.discard_where(changed)
         return self.images.get_or_compute(key, lambda: load_image(key[0]))
 
     def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
@@ -128,6 +132,8 @@ class SamInteractiveInfer(InferTask):
             "mask_voxels": int(mask.sum()),
             "cache": {"image_hit": image_hit, "embedding_hit": info["encoder_runs"] == 0,
                       "encoder_runs": info["encoder_runs"]},
+            "prompt": "box" if prompt.box is not None else "clicks",
+            "refined_object": info.get("object_memory", False),
             "zoom": {"applied": info["zoomed"], "window_rc": info["window"]},
             "box_rc": info["box_rc"], "predicted_iou": info["predicted_iou"],
             "device": str(self.device),
