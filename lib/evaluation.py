@@ -8,6 +8,7 @@ The baseline a model must beat is the filled box itself.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,3 +68,39 @@ def box_prompt(target: Target, axis, index) -> SlicePrompt:
 def click_prompt(target: Target, axis, index) -> SlicePrompt:
     point = np.asarray([target.interior_point], dtype=np.float32)
     return SlicePrompt(axis=axis, index=index, foreground=point, background=np.zeros((0, 2), np.float32), box=None)
+
+
+def load_slice_targets(image_path: str, label_path: str, modality: str, axis, index, values=None,
+                       min_area: int = 20, max_targets: int | None = None, binary: bool = False, ct_window=None):
+    """A normalised (C, rows, cols) slice of an image and the targets of its label on that slice, spread over
+    sizes when there are more than `max_targets`."""
+    from .transforms import apply_intensity_range, compute_intensity_range, extract_slice
+    from .volumes import load_image
+
+    image, label = load_image(image_path), load_image(label_path)
+    rng = compute_intensity_range(image.array.numpy(), modality, ct_window)
+    slice_image = apply_intensity_range(extract_slice(image.array[:3], axis, index), rng, "unit")
+    label_slice = extract_slice(label.array[:1], axis, index)[0].numpy().round().astype(int)
+    if binary:
+        label_slice = (label_slice > 0).astype(int)
+    name = os.path.basename(image_path).split(".")[0]
+    targets = component_targets(label_slice, values, min_area=min_area, name=f"{name}:")
+    if max_targets is not None and len(targets) > max_targets:
+        targets = [targets[i] for i in np.linspace(0, len(targets) - 1, max_targets).astype(int)]
+    return slice_image, targets
+
+
+def evaluate_prompts(predictor_for, slice_image, targets, axis, index, cache_key) -> list[dict]:
+    """Dice per target for: the filled box, the model on the whole slice, the model with AutoZoom (box), and one
+    click. `predictor_for(zoom: bool)` gives a PromptPredictor."""
+    rows = []
+    shape = tuple(slice_image.shape[-2:])
+    whole, zoom = predictor_for(False), predictor_for(True)
+    for target in targets:
+        row = {"target": target.name, "area": int(target.mask.sum()),
+               "filled_box": dice(filled_box(target, shape), target.mask)}
+        row["box_whole_slice"] = dice(whole.predict(slice_image, box_prompt(target, axis, index), cache_key)[0], target.mask)
+        row["box_zoom"] = dice(zoom.predict(slice_image, box_prompt(target, axis, index), cache_key)[0], target.mask)
+        row["click"] = dice(zoom.predict(slice_image, click_prompt(target, axis, index), cache_key)[0], target.mask)
+        rows.append(row)
+    return rows
