@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/monailabel start_server --app apps --studies "${STUDIES:-sample-data}" \
+# The `monailabel` launcher runs whichever `python` is first on PATH; name the venv's instead.
+exec .venv/bin/python -m monailabel.main start_server --app apps --studies "${STUDIES:-sample-data}" \
   --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" "$@"

@@ -52,10 +52,10 @@ class Server:
 
     def start(self, timeout: float = 180.0) -> "Server":
         env = {**os.environ, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "PYTHONUNBUFFERED": "1"}
-        monailabel = os.path.join(os.path.dirname(sys.executable), "monailabel")
         self.log = open(self.log_path, "w")
+        # The `monailabel` launcher runs whichever `python` is first on PATH; name this interpreter instead.
         self.process = subprocess.Popen(
-            [monailabel, "start_server", "--app", self.app, "--studies", self.studies,
+            [sys.executable, "-m", "monailabel.main", "start_server", "--app", self.app, "--studies", self.studies,
              "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.time() + timeout
