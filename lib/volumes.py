@@ -37,6 +37,8 @@ class LoadedImage:
     meta: dict
     # Per-volume intensity ranges, keyed by (modality, CT window): computed once, reused by every click.
     intensity_ranges: dict = field(default_factory=dict)
+    # The modality read from metadata or guessed from the values, when a request does not name one.
+    default_modality: str | None = None
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:

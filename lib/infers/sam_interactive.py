@@ -106,7 +106,10 @@ class SamInteractiveInfer(InferTask):
 
         prompt = parse_prompt(req, image.spatial_shape)
         try:
-            modality = resolve_modality(req.get("modality") or None, image.meta, image.array.numpy(), image.is_rgb)
+            modality = req.get("modality") or image.default_modality
+            if modality is None:  # guessing looks at the whole volume's values: once per image
+                modality = image.default_modality = resolve_modality(None, image.meta, image.array.numpy(), image.is_rgb)
+            modality = resolve_modality(modality, None, image.array, image.is_rgb)  # validates a requested name
             ct_window = parse_ct_window(req.get("ct_window") or None) if modality == "CT" else None
         except ValueError as e:
             raise bad_request(str(e)) from e
