@@ -21,14 +21,9 @@ class LiteMedSAMConfig(TaskConfig):
         from ..models.sam import build_litemedsam  # imported here: app start stays cheap
 
         checkpoint = self.settings.get("litemedsam_checkpoint") or None
-        s = self.settings
-        task = SamInteractiveInfer(
-            model_factory=lambda device: build_litemedsam(checkpoint=checkpoint, device=device),
-            description="LiteMedSAM (MedSAM distilled to TinyViT): draw a box or click on a slice",
-            device=s["device"], image_cache_size=s["image_cache_size"],
-            embedding_cache_size=s["embedding_cache_size"], default_modality=s["modality"],
-            default_ct_window=s["ct_window"],
-        )
+        task = SamInteractiveInfer.from_settings(
+            lambda device: build_litemedsam(checkpoint=checkpoint, device=device),
+            "LiteMedSAM (MedSAM distilled to TinyViT): draw a box or click on a slice", self.settings)
         return {self.name: task}
 
     def trainer(self) -> Optional[TrainTask]:

@@ -21,16 +21,11 @@ class MetaSAMConfig(TaskConfig):
     def infer(self) -> Dict[str, InferTask]:
         from ..models.sam import build_sam_vit, resolve_checkpoint
 
-        s = self.settings
-        variant, source = s["sam_variant"], s["sam_checkpoint"]
-        task = SamInteractiveInfer(
-            model_factory=lambda device: build_sam_vit(
-                variant, checkpoint=resolve_checkpoint(source, cache_dir=self.model_dir), device=device),
-            description=f"Segment Anything {variant.upper()} (Meta): draw a box or click on a slice",
-            device=s["device"], image_cache_size=s["image_cache_size"],
-            embedding_cache_size=s["embedding_cache_size"], default_modality=s["modality"],
-            default_ct_window=s["ct_window"],
-        )
+        variant, source = self.settings["sam_variant"], self.settings["sam_checkpoint"]
+        task = SamInteractiveInfer.from_settings(
+            lambda device: build_sam_vit(variant, checkpoint=resolve_checkpoint(source, cache_dir=self.model_dir),
+                                         device=device),
+            f"Segment Anything {variant.upper()} (Meta): draw a box or click on a slice", self.settings)
         return {self.name: task}
 
     def trainer(self) -> Optional[TrainTask]:

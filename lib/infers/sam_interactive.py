@@ -7,6 +7,7 @@ happens at app start: the model is built on the first request.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -44,22 +45,31 @@ class SamInteractiveInfer(InferTask):
                  device: str | None = None, image_cache_size: int = 4, embedding_cache_size: int = 64,
                  settings: PredictorSettings | None = None, default_modality: str | None = None,
                  default_ct_window=None):
+        settings = settings or PredictorSettings()
         super().__init__(
             type=InferType.DEEPGROW,  # Slicer and OHIF show a click/box tool for deepgrow-type models
             labels=list(labels),
             dimension=2,  # one slice per request: Slicer then sends that slice's points and merges the slice
             description=description,
             config={"modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
-                    "axis": 2, "zoom": True},
+                    "axis": 2, "zoom": settings.zoom},
         )
         self.model_factory = model_factory
         self.device = pick_device(device)
         self.images = LRUCache(image_cache_size)
         self.embeddings = LRUCache(embedding_cache_size)
         self.objects = ObjectMemory()
-        self.settings = settings or PredictorSettings()
+        self.settings = settings
         self._model = None
         self._model_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, model_factory, description: str, settings: dict) -> "SamInteractiveInfer":
+        """A task configured by the app's settings (configs/app.yaml + --conf)."""
+        return cls(model_factory, description=description, device=settings["device"],
+                   image_cache_size=settings["image_cache_size"], embedding_cache_size=settings["embedding_cache_size"],
+                   default_modality=settings["modality"], default_ct_window=settings["ct_window"],
+                   settings=PredictorSettings(zoom=settings["zoom"]))
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def is_valid(self) -> bool:
@@ -75,8 +85,7 @@ class SamInteractiveInfer(InferTask):
             return self._model
 
     def predictor(self, zoom: bool) -> PromptPredictor:
-        settings = self.settings if zoom == self.settings.zoom else PredictorSettings(
-            **{**self.settings.__dict__, "zoom": zoom})
+        settings = self.settings if zoom == self.settings.zoom else dataclasses.replace(self.settings, zoom=zoom)
         return PromptPredictor(self.model, self.device, self.embeddings, self.objects, settings)
 
     def clear_cache(self) -> None:
@@ -130,7 +139,8 @@ class SamInteractiveInfer(InferTask):
         write_ms = (time.perf_counter() - write_start) * 1000
 
         result = {
-            "label_names": {str(self.labels[0]) if self.labels else "object": label_value},
+            # Slicer names the segment being edited in `label`; answer in its terms.
+            "label_names": {str(req.get("label") or self.labels[0]): label_value},
             "slice": prompt.index, "axis": prompt.axis, "modality": modality,
             "mask_voxels": int(mask.sum()),
             "cache": {"image_hit": image_hit, "embedding_hit": info["encoder_runs"] == 0,
