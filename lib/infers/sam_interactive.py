@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from ..errors import bad_request, not_found
+from ..errors import RequestError, bad_request, not_found
 from ..transforms.intensity import apply_intensity_range, compute_intensity_range, parse_ct_window, resolve_modality
 from ..transforms.geometry import extract_slice, in_plane_axes
 from ..volumes import LoadedImage, load_image, fingerprint, write_label
@@ -80,7 +80,11 @@ class SamInteractiveInfer(InferTask):
         with self._model_lock:
             if self._model is None:
                 start = time.perf_counter()
-                self._model = self.model_factory(self.device).eval()
+                try:
+                    self._model = self.model_factory(self.device).eval()
+                except Exception as e:  # a missing or corrupt checkpoint: say so, and try again next request
+                    logger.exception("model could not be loaded")
+                    raise RequestError(503, f"the model could not be loaded: {e}") from e
                 logger.info(f"Loaded {type(self._model).__name__} on {self.device} in {time.perf_counter() - start:.1f}s")
             return self._model
 
@@ -127,7 +131,9 @@ class SamInteractiveInfer(InferTask):
             image.intensity_ranges[range_key] = compute_intensity_range(image.array.numpy(), modality, ct_window)
         intensity = image.intensity_ranges[range_key]
 
-        raw_slice = extract_slice(image.array[:3], prompt.axis, prompt.index)
+        # RGB(A) photographs keep their colour; anything else (incl. 4D series) is read from its first channel.
+        channels = image.array[:3] if image.is_rgb else image.array[:1]
+        raw_slice = extract_slice(channels, prompt.axis, prompt.index)
         slice_image = apply_intensity_range(raw_slice, intensity, "unit")
         cache_key = ("model", image.fingerprint, range_key, prompt.axis, prompt.index)
         mask, info = self.predictor(_truthy(req.get("zoom", True))).predict(slice_image, prompt, cache_key)
