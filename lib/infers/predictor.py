@@ -191,12 +191,20 @@ class PromptPredictor:
 
     @staticmethod
     def _respect_clicks(mask: np.ndarray, prompt: SlicePrompt) -> np.ndarray:
-        """Keep the components a foreground click is in (all of them if none is hit); drop any a background
-        click is in: the user's clicks are ground truth."""
+        """The user's clicks are ground truth. Keep the components a foreground click is in (all, if no click hits
+        one); drop those only a background click is in; and a component holding both (a background click put to
+        cut a leak) is split: each of its pixels goes to the nearer click."""
         if not mask.any() or (not len(prompt.foreground) and not len(prompt.background)):
             return mask
         components, count = ndimage.label(mask)
         at = lambda pts: {int(components[int(round(r)), int(round(c))]) for r, c in pts} - {0}
-        keep = at(prompt.foreground) or set(range(1, count + 1))
-        keep -= at(prompt.background)
-        return np.isin(components, sorted(keep)) if keep else np.zeros_like(mask)
+        fg_ids, bg_ids = at(prompt.foreground), at(prompt.background)
+        keep = fg_ids or set(range(1, count + 1))
+        out = np.isin(components, sorted(keep - bg_ids))
+        for cid in fg_ids & bg_ids:
+            rows, cols = np.nonzero(components == cid)
+            pixels = np.stack([rows, cols], axis=1).astype(np.float32)
+            nearest = lambda pts: np.min(np.linalg.norm(pixels[:, None, :] - pts[None, :, :], axis=2), axis=1)
+            closer = nearest(prompt.foreground) < nearest(prompt.background)
+            out[rows[closer], cols[closer]] = True
+        return out
