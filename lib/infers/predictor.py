@@ -115,7 +115,7 @@ class PromptPredictor:
         pad = np.array([-1, -1, 1, 1], dtype=np.float32) * self.settings.box_padding
         boxes = torch.as_tensor(np.stack([frame.box_to_model(b) + pad for b in boxes_rc]), device=self.device)
         with torch.inference_mode():
-            logits, iou = self.model.decode(embedding.expand(len(boxes_rc), -1, -1, -1), boxes=boxes)
+            logits, iou = self.model.decode(embedding, boxes=boxes)  # one embedding, shared by all the boxes
         return frame.logits_to_window(logits[:, 0]), iou[:, 0]
 
     # -- prompts -> mask -------------------------------------------------------------------------------------

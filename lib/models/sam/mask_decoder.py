@@ -65,6 +65,12 @@ class MaskDecoder(nn.Module):
         if torch.is_grad_enabled() and (image_embeddings.requires_grad or dense_prompt_embeddings.requires_grad):
             src = image_embeddings + dense_prompt_embeddings  # out= below does not support autograd
             return src.expand(batch, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+        if image_embeddings.shape[0] == 1 and (dense_prompt_embeddings.shape[0] == 1
+                                               or dense_prompt_embeddings.stride(0) == 0):
+            # One image and no mask prompts (the dense embedding is one constant, expanded): a single source
+            # serves every prompt; the transformer broadcasts it until the prompts make the tokens differ.
+            batch = 1
+            dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = torch.empty((batch, *image_embeddings.shape[1:]), dtype=image_embeddings.dtype,
                           device=image_embeddings.device, memory_format=torch.channels_last)
         return torch.add(image_embeddings, dense_prompt_embeddings, out=src)

@@ -30,8 +30,12 @@ class Attention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)),
-                                             self._heads(self.v_proj(v)))
+        """q (B or 1, Nq, C), k and v (B or 1, Nk, C): a batch of 1 is shared by the whole batch. One image
+        with many prompts then projects its image tokens once, not once per prompt."""
+        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        batch = max(q.shape[0], k.shape[0], v.shape[0])
+        q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -55,7 +59,8 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> Tuple[Tensor, Tensor]:
-        """queries (B, Nq, C) prompt tokens, keys (B, Nk, C) image tokens, with their positional encodings."""
+        """queries (B, Nq, C) prompt tokens, keys (B or 1, Nk, C) image tokens, with their positional encodings.
+        Keys of batch 1 (one image, B prompts) become batch B at the first image update."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -87,7 +92,7 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> Tuple[Tensor, Tensor]:
-        """image_embedding (B, C, h, w), image_pe (1 or B, C, h, w), point_embedding (B, N, C)
+        """image_embedding (B or 1, C, h, w), image_pe (1 or B, C, h, w), point_embedding (B, N, C)
         -> processed tokens (B, N, C) and image tokens (B, h*w, C)."""
         # Token views (a copy only when the maps are not already channels-last in memory).
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
