@@ -253,3 +253,15 @@ def test_litemedsam_layout_on_meta_device():
         state = make_litemedsam().state_dict()
     assert len(state) == LITEMEDSAM_KEYS
     assert tuple(state["image_encoder.layers.2.blocks.0.attn.attention_biases"].shape) == (5, 196)
+
+
+def test_one_image_many_boxes_equals_each_box_alone(litemedsam, reference):
+    """The shared-image decoder path (batch-1 embedding, B boxes) gives what B separate decodes give."""
+    embedding = torch.as_tensor(reference["embedding"])
+    boxes = torch.tensor([[60.0, 50.0, 200.0, 210.0], [100.0, 100.0, 140.0, 140.0], [30.0, 30.0, 220.0, 230.0]])
+    with torch.inference_mode():
+        logits, iou = litemedsam.decode(embedding, boxes=boxes)
+        for n in range(len(boxes)):
+            alone_logits, alone_iou = litemedsam.decode(embedding, boxes=boxes[n : n + 1])
+            assert _max_diff(logits[n : n + 1], alone_logits) < 2e-4
+            assert _max_diff(iou[n : n + 1], alone_iou) < 1e-5
