@@ -1,0 +1,91 @@
+"""SAMassist core: prompt sampling as the paper describes it, and prompt-encoder learning that makes a single
+click work on slices it never saw (vanilla LiteMedSAM ignores clicks)."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import REPO
+from lib.evaluation import Target, dice
+from lib.models.sam import build_litemedsam
+from lib.trainers.samassist import (PromptEncoderLearner, PromptLearningSettings, jitter_box, sample_points,
+                                    select_training_slices)
+from lib.transforms import ModelFrame, Window, apply_intensity_range, compute_intensity_range, extract_slice, resize_to_model
+from lib.volumes import load_image
+
+DATA = os.path.join(REPO, "sample-data")
+
+
+def disc(shape=(64, 64), centre=(32, 32), radius=15):
+    rr, cc = np.ogrid[: shape[0], : shape[1]]
+    return (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius ** 2
+
+
+def test_point_schemes_sample_where_they_say():
+    rng = np.random.default_rng(0)
+    region = disc()
+    distance = lambda pts: np.hypot(pts[:, 0] - 32, pts[:, 1] - 32).mean()
+    centre, boundary = sample_points(region, 200, "center", rng), sample_points(region, 200, "boundary", rng)
+    uniform = sample_points(region, 200, "uniform", rng)
+    assert all(region[int(r), int(c)] for r, c in np.concatenate([centre, boundary, uniform]))
+    assert distance(centre) < distance(uniform) < distance(boundary)
+
+
+def test_box_jitter_stays_between_inner_and_outer_margins():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((100, 100), bool)
+    mask[30:60, 40:80] = True
+    for _ in range(50):
+        r0, c0, r1, c1 = jitter_box(mask, 5, 10, rng)
+        assert 20 <= r0 <= 35 and 30 <= c0 <= 45 and 54 <= r1 <= 69 and 74 <= c1 <= 89
+
+
+def test_training_slices_cluster_around_the_median_foreground_slice():
+    label = np.zeros((8, 8, 100), bool)
+    label[:, :, 40:61] = True
+    picks = select_training_slices(label, 2, 5, np.random.default_rng(0))
+    assert len(set(picks)) == 5 and all(40 <= k <= 60 for k in picks)
+    with pytest.raises(ValueError, match="no foreground"):
+        select_training_slices(np.zeros((4, 4, 4), bool), 2, 2, np.random.default_rng(0))
+
+
+def test_learning_from_two_slices_makes_a_single_click_work_on_other_slices():
+    model = build_litemedsam().eval()
+    image = load_image(os.path.join(DATA, "colin27_t1.nii.gz"))
+    thalamus = load_image(os.path.join(DATA, "labels", "final", "colin27_t1.nii.gz")).array[0].numpy().round() == 77
+    intensity = compute_intensity_range(image.array.numpy(), "MR")
+    slice_of = lambda k: apply_intensity_range(extract_slice(image.array[:1], 2, k), intensity)
+    mask_of = lambda k: extract_slice(torch.as_tensor(thalamus[None].astype(np.float32)), 2, k)[0].numpy() > 0
+
+    train = select_training_slices(thalamus, 2, 2, np.random.default_rng(0))
+    learner = PromptEncoderLearner(model, torch.device("cpu"), PromptLearningSettings(prompt="points"))
+    for k in train:
+        learner.add_slice(slice_of(k), mask_of(k))
+    learned = learner.train()
+    assert learned.losses[-1] < 0.5 * learned.losses[0]
+
+    vanilla_encoder = model.prompt_encoder
+    learned_encoder = copy.deepcopy(vanilla_encoder)
+    learned_encoder.load_state_dict(learned.state_dict)
+    held_out = [k for k in range(thalamus.shape[2]) if mask_of(k).sum() >= 30 and k not in train][::3]
+    scores = {"vanilla": [], "learned": []}
+    for k in held_out:
+        mask = mask_of(k)
+        frame = ModelFrame(Window.whole(mask.shape), model.image_size)
+        with torch.inference_mode():
+            embedding = model.encode(resize_to_model(slice_of(k), frame).expand(3, -1, -1)[None])
+        click = torch.as_tensor(frame.points_to_model(np.array([Target("t", mask).interior_point])))[None]
+        for name, encoder in (("vanilla", vanilla_encoder), ("learned", learned_encoder)):
+            model.prompt_encoder = encoder
+            with torch.inference_mode():
+                logits, _ = model.decode(embedding, point_coords=click, point_labels=torch.tensor([[1]]))
+            predicted = frame.paste(frame.logits_to_window(logits[:, 0])[0] > 0, mask.shape, fill=False).numpy()
+            scores[name].append(dice(predicted, mask))
+        model.prompt_encoder = vanilla_encoder
+    vanilla, after = np.mean(scores["vanilla"]), np.mean(scores["learned"])
+    print("single centre click Dice, vanilla -> learned:", round(vanilla, 3), round(after, 3), "on", held_out)
+    # Measured 0.075 -> 0.70 (10 held-out slices, 2 training slices, 15 s on CPU).
+    assert vanilla < 0.2 and after >= 0.55
