@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional
 
 from monailabel.interfaces.config import TaskConfig
@@ -9,6 +10,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 from ..infers.sam_interactive import SamInteractiveInfer
+from ..trainers.prompt_store import PromptEncoderStore
 from .settings import load_settings
 
 
@@ -23,7 +25,8 @@ class LiteMedSAMConfig(TaskConfig):
         checkpoint = self.settings.get("litemedsam_checkpoint") or None
         task = SamInteractiveInfer.from_settings(
             lambda device: build_litemedsam(checkpoint=checkpoint, device=device),
-            "LiteMedSAM (MedSAM distilled to TinyViT): draw a box or click on a slice", self.settings)
+            "LiteMedSAM (MedSAM distilled to TinyViT): draw a box or click on a slice", self.settings,
+            prompt_store=PromptEncoderStore(os.path.join(self.model_dir, "prompts", self.name)))
         return {self.name: task}
 
     def trainer(self) -> Optional[TrainTask]:

@@ -119,12 +119,17 @@ class PromptPredictor:
         return frame.logits_to_window(logits[:, 0]), iou[:, 0]
 
     # -- prompts -> mask -------------------------------------------------------------------------------------
-    def predict(self, slice_image: torch.Tensor, prompt: SlicePrompt, cache_key: tuple) -> tuple[np.ndarray, dict]:
-        """Mask (H, W) bool for the prompt on a (C, H, W) slice in [0, 1], plus what was done and how long."""
+    def predict(self, slice_image: torch.Tensor, prompt: SlicePrompt, cache_key: tuple,
+                prompt_encoder=None) -> tuple[np.ndarray, dict]:
+        """Mask (H, W) bool for the prompt on a (C, H, W) slice in [0, 1], plus what was done and how long.
+        prompt_encoder: a learned one (SAMassist) that understands this label's clicks: they then go to the
+        model as points, with no box search."""
         shape = tuple(slice_image.shape[-2:])
         info = {"encoder_runs": 0, "cache_hits": 0}
         t0 = time.perf_counter()
-        if prompt.box is not None:
+        if prompt_encoder is not None:
+            box, logits, iou, window = self._predict_learned(slice_image, prompt, cache_key, info, prompt_encoder)
+        elif prompt.box is not None:
             box, logits, iou, window = self._predict_box(slice_image, prompt.box, cache_key, info)
         else:
             box, logits, iou, window = self._predict_clicks(slice_image, prompt, cache_key, info)
@@ -140,13 +145,38 @@ class PromptPredictor:
         info["cache_hits" if hit else "encoder_runs"] += 1
         return embedding, frame
 
-    def _predict_box(self, slice_image, box, cache_key: tuple, info: dict):
-        shape = tuple(slice_image.shape[-2:])
-        window = Window.whole(shape)
+    def _window_for(self, box, shape) -> Window:
         if self.settings.zoom:
             zoomed = quantised_window(box, shape, self.settings.zoom_context)
             if zoomed.height < self.settings.zoom_threshold * max(shape):
-                window = zoomed
+                return zoomed
+        return Window.whole(shape)
+
+    def _predict_learned(self, slice_image, prompt: SlicePrompt, cache_key: tuple, info: dict, prompt_encoder):
+        """Points (and a box, if any) straight to the model through a learned prompt encoder."""
+        shape = tuple(slice_image.shape[-2:])
+        window = self._window_for(prompt.box, shape) if prompt.box is not None else Window.whole(shape)
+        embedding, frame = self._embed_counted(slice_image, window, cache_key, info)
+        coords = labels = boxes = None
+        if len(prompt.foreground) or len(prompt.background):
+            points = np.concatenate([prompt.foreground, prompt.background]).reshape(-1, 2)
+            coords = torch.as_tensor(frame.points_to_model(points)[None], device=self.device)
+            labels = torch.as_tensor([[1] * len(prompt.foreground) + [0] * len(prompt.background)], device=self.device)
+        if prompt.box is not None:
+            pad = np.array([-1, -1, 1, 1], dtype=np.float32) * self.settings.box_padding
+            boxes = torch.as_tensor((frame.box_to_model(prompt.box) + pad)[None], device=self.device)
+        with torch.inference_mode():
+            logits, iou = self.model.decode(embedding, point_coords=coords, point_labels=labels, boxes=boxes,
+                                            prompt_encoder=prompt_encoder)
+        window_logits = frame.logits_to_window(logits[:, 0])
+        fg = prompt.foreground
+        box = prompt.box if prompt.box is not None else (*fg.min(axis=0), *fg.max(axis=0))
+        info["learned_prompt"] = True
+        return box, window_logits[0], iou[0, 0], window
+
+    def _predict_box(self, slice_image, box, cache_key: tuple, info: dict):
+        shape = tuple(slice_image.shape[-2:])
+        window = self._window_for(box, shape)
         embedding, frame = self._embed_counted(slice_image, window, cache_key, info)
         logits, iou = self.decode_boxes(embedding, frame, [box])
         return box, logits[0], iou[0], window

@@ -22,6 +22,7 @@ from ..transforms.intensity import apply_intensity_range, compute_intensity_rang
 from ..transforms.geometry import extract_slice, in_plane_axes
 from ..volumes import LoadedImage, load_image, fingerprint, write_label
 from .cache import LRUCache
+from ..trainers.prompt_store import PromptEncoderStore
 from .predictor import ObjectMemory, PredictorSettings, PromptPredictor
 from .prompts import parse_prompt
 
@@ -44,7 +45,7 @@ class SamInteractiveInfer(InferTask):
                  description: str = "Promptable medical SAM: clicks or a box on a slice",
                  device: str | None = None, image_cache_size: int = 4, embedding_cache_size: int = 64,
                  settings: PredictorSettings | None = None, default_modality: str | None = None,
-                 default_ct_window=None):
+                 default_ct_window=None, prompt_store: PromptEncoderStore | None = None):
         settings = settings or PredictorSettings()
         super().__init__(
             type=InferType.DEEPGROW,  # Slicer and OHIF show a click/box tool for deepgrow-type models
@@ -59,14 +60,16 @@ class SamInteractiveInfer(InferTask):
         self.images = LRUCache(image_cache_size)
         self.embeddings = LRUCache(embedding_cache_size)
         self.objects = ObjectMemory()
+        self.prompt_store = prompt_store
         self.settings = settings
         self._model = None
         self._model_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, model_factory, description: str, settings: dict) -> "SamInteractiveInfer":
+    def from_settings(cls, model_factory, description: str, settings: dict,
+                      prompt_store: PromptEncoderStore | None = None) -> "SamInteractiveInfer":
         """A task configured by the app's settings (configs/app.yaml + --conf)."""
-        return cls(model_factory, description=description, device=settings["device"],
+        return cls(model_factory, description=description, device=settings["device"], prompt_store=prompt_store,
                    image_cache_size=settings["image_cache_size"], embedding_cache_size=settings["embedding_cache_size"],
                    default_modality=settings["modality"], default_ct_window=settings["ct_window"],
                    settings=PredictorSettings(zoom=settings["zoom"]))
@@ -74,6 +77,12 @@ class SamInteractiveInfer(InferTask):
     # -- lifecycle -------------------------------------------------------------------------------------------
     def is_valid(self) -> bool:
         return True
+
+    def info(self) -> Dict[str, Any]:
+        info = super().info()
+        # What SAMassist learned, per label: /info shows it to clients and data managers.
+        info["learned_prompts"] = self.prompt_store.info() if self.prompt_store else {}
+        return info
 
     @property
     def model(self) -> torch.nn.Module:
@@ -136,7 +145,9 @@ class SamInteractiveInfer(InferTask):
         raw_slice = extract_slice(channels, prompt.axis, prompt.index)
         slice_image = apply_intensity_range(raw_slice, intensity, "unit")
         cache_key = ("model", image.fingerprint, range_key, prompt.axis, prompt.index)
-        mask, info = self.predictor(_truthy(req.get("zoom", True))).predict(slice_image, prompt, cache_key)
+        label_name = req.get("label") or None
+        learned = self.prompt_store.encoder_for(label_name, self.model.prompt_encoder) if self.prompt_store else None
+        mask, info = self.predictor(_truthy(req.get("zoom", True))).predict(slice_image, prompt, cache_key, learned)
 
         label_value = int(req.get("label_value", 1))
         label = self._to_volume(mask.astype(np.uint8) * label_value, image, prompt.axis, prompt.index)
@@ -153,6 +164,7 @@ class SamInteractiveInfer(InferTask):
                       "encoder_runs": info["encoder_runs"]},
             "prompt": "box" if prompt.box is not None else "clicks",
             "refined_object": info.get("object_memory", False),
+            "learned_prompt": label_name if learned is not None else None,
             "zoom": {"applied": info["zoomed"], "window_rc": info["window"]},
             "box_rc": info["box_rc"], "predicted_iou": info["predicted_iou"],
             "device": str(self.device),

@@ -114,7 +114,8 @@ class LearnedPrompt:
 
 
 class PromptEncoderLearner:
-    """Learns a copy of `model.prompt_encoder` on annotated slices; the model itself is left untouched."""
+    """Learns a copy of `model.prompt_encoder` on annotated slices; the model itself is left untouched (it may
+    keep serving requests meanwhile)."""
 
     def __init__(self, model, device: torch.device, settings: PromptLearningSettings | None = None):
         self.model = model
@@ -161,31 +162,27 @@ class PromptEncoderLearner:
         s = self.settings
         rng = np.random.default_rng(s.seed)
         torch.manual_seed(s.seed)
-        original = self.model.prompt_encoder
-        learned = copy.deepcopy(original).to(self.device).train()
+        learned = copy.deepcopy(self.model.prompt_encoder).to(self.device).train()
         for p in learned.parameters():
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(learned.parameters(), lr=s.learning_rate)
         decoder = self.model.mask_decoder
         decoder.requires_grad_(False)
         losses, start = [], time.perf_counter()
-        try:
-            self.model.prompt_encoder = learned
-            for step in range(s.iterations):
-                optimizer.zero_grad()
-                total = 0.0
-                for item in self.slices:
-                    coords, labels, boxes = self.draw_prompts(item, rng)
-                    logits, _ = self.model.decode(item.embedding, point_coords=coords, point_labels=labels, boxes=boxes)
-                    loss = segmentation_loss(logits, item.target.expand_as(logits))
-                    (loss / len(self.slices)).backward()
-                    total += float(loss.detach()) / len(self.slices)
-                optimizer.step()
-                losses.append(total)
-                if progress:
-                    progress(step + 1, s.iterations, total)
-        finally:
-            self.model.prompt_encoder = original
+        for step in range(s.iterations):
+            optimizer.zero_grad()
+            total = 0.0
+            for item in self.slices:
+                coords, labels, boxes = self.draw_prompts(item, rng)
+                logits, _ = self.model.decode(item.embedding, point_coords=coords, point_labels=labels, boxes=boxes,
+                                              prompt_encoder=learned)
+                loss = segmentation_loss(logits, item.target.expand_as(logits))
+                (loss / len(self.slices)).backward()
+                total += float(loss.detach()) / len(self.slices)
+            optimizer.step()
+            losses.append(total)
+            if progress:
+                progress(step + 1, s.iterations, total)
         state = {k: v.detach().cpu().clone() for k, v in learned.state_dict().items()}
         return LearnedPrompt(state, s, seconds=time.perf_counter() - start, losses=losses)
 

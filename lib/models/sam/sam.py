@@ -51,14 +51,17 @@ class Sam(nn.Module):
 
     def decode(self, embeddings: Tensor, point_coords: Optional[Tensor] = None,
                point_labels: Optional[Tensor] = None, boxes: Optional[Tensor] = None,
-               mask_logits: Optional[Tensor] = None, multimask_output: bool = False) -> Tuple[Tensor, Tensor]:
+               mask_logits: Optional[Tensor] = None, multimask_output: bool = False,
+               prompt_encoder: Optional[PromptEncoder] = None) -> Tuple[Tensor, Tensor]:
         """Low-res mask logits (B, M, 4h, 4w) and predicted IoU (B, M); M = 3 with multimask_output, else 1.
 
         embeddings (B or 1, C, h, w); point_coords (B, N, 2) as x, y pixel coordinates in the image_size input
         frame, point_labels (B, N) 1 foreground, 0 background, -1 padding; boxes (B, 4) x0, y0, x1, y1 in the
         same frame; mask_logits (B, 1, 4h, 4w) earlier low-res logits. Inputs may be numpy-backed or float64:
-        they are moved to the model's device and dtype."""
-        weight = self.prompt_encoder.no_mask_embed.weight
+        they are moved to the model's device and dtype. prompt_encoder: a learned one (SAMassist) to use instead
+        of the model's own, per call, so that requests with different prompt encoders can share the model."""
+        prompt_encoder = prompt_encoder if prompt_encoder is not None else self.prompt_encoder
+        weight = prompt_encoder.no_mask_embed.weight
         device, dtype = weight.device, weight.dtype
         points = None
         if point_coords is not None:
@@ -71,8 +74,8 @@ class Sam(nn.Module):
             boxes = torch.as_tensor(boxes, device=device, dtype=dtype)
         if mask_logits is not None:
             mask_logits = mask_logits.to(device=device, dtype=dtype)
-        sparse, dense = self.prompt_encoder(points, boxes, mask_logits)
-        return self.mask_decoder(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
+        sparse, dense = prompt_encoder(points, boxes, mask_logits)
+        return self.mask_decoder(embeddings, prompt_encoder.get_dense_pe(), sparse, dense, multimask_output)
 
     def upscale_logits(self, low_res_logits: Tensor) -> Tensor:
         """(B, M, 4h, 4w) -> (B, M, image_size, image_size), bilinear."""

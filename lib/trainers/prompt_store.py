@@ -1,0 +1,84 @@
+"""Learned prompt encoders, one per (model, label), on disk: written atomically, read again when they change.
+
+Layout: <root>/<label>.pt (the prompt encoder's state dict) and <root>/<label>.json (what was learned: prompt
+type, slices, seconds, validation Dice...). The infer task asks for a label's encoder on every request; a new
+training result is therefore served at the next click, without a restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+import threading
+
+import torch
+
+
+def _safe(label: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(label)).strip("._")
+    if not name:
+        raise ValueError(f"label {label!r} gives no usable file name")
+    return name
+
+
+def _atomic_write(path: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class PromptEncoderStore:
+    def __init__(self, root: str):
+        self.root = root
+        self._loaded: dict[str, tuple[int, torch.nn.Module]] = {}
+        self._lock = threading.Lock()
+
+    def paths(self, label: str) -> tuple[str, str]:
+        base = os.path.join(self.root, _safe(label))
+        return base + ".pt", base + ".json"
+
+    def save(self, label: str, state_dict: dict, info: dict) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        weights, meta = self.paths(label)
+        _atomic_write(weights, lambda f: torch.save(state_dict, f))
+        _atomic_write(meta, lambda f: f.write(json.dumps({"label": label, **info}, indent=2).encode()))
+
+    def info(self) -> dict:
+        """label -> what was learned, for every stored prompt encoder."""
+        out = {}
+        if os.path.isdir(self.root):
+            for name in sorted(os.listdir(self.root)):
+                if name.endswith(".json") and not name.startswith(".tmp_"):
+                    with open(os.path.join(self.root, name)) as f:
+                        meta = json.load(f)
+                    out[meta.get("label", name[:-5])] = meta
+        return out
+
+    def encoder_for(self, label: str | None, template: torch.nn.Module):
+        """The learned prompt encoder for a label (a copy of `template` with the stored weights), or None."""
+        if not label:
+            return None
+        weights, _ = self.paths(label)
+        try:
+            stamp = os.stat(weights).st_mtime_ns
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            cached = self._loaded.get(label)
+            if cached and cached[0] == stamp:
+                return cached[1]
+            encoder = copy.deepcopy(template)
+            state = torch.load(weights, map_location=next(template.parameters()).device, weights_only=True)
+            encoder.load_state_dict(state, strict=True)
+            encoder.eval().requires_grad_(False)
+            self._loaded[label] = (stamp, encoder)
+            return encoder
