@@ -104,3 +104,40 @@ def evaluate_prompts(predictor_for, slice_image, targets, axis, index, cache_key
         row["click"] = dice(zoom.predict(slice_image, click_prompt(target, axis, index), cache_key)[0], target.mask)
         rows.append(row)
     return rows
+
+
+def corrective_click(mask: np.ndarray, predicted: np.ndarray):
+    """Where an annotator clicks next: inside the largest error region, at its most interior pixel; a foreground
+    click (1) for a missed region, a background click (0) for a false one. None when nothing is wrong."""
+    best = None
+    for region, label in ((mask & ~predicted, 1), (~mask & predicted, 0)):
+        components, count = ndimage.label(region)
+        if count:
+            sizes = ndimage.sum(region, components, range(1, count + 1))
+            n = int(np.argmax(sizes)) + 1
+            if best is None or sizes[n - 1] > best[0]:
+                best = (sizes[n - 1], Target("error", components == n).interior_point, label)
+    return None if best is None else (best[1], best[2])
+
+
+def active_validation(predict, target: Target, axis, index, rng: np.random.Generator, max_clicks: int = 5,
+                      box_jitter: tuple[float, float] = (5.0, 10.0)) -> list[float]:
+    """SAM^Med's active validation: a (jittered) box first, then up to `max_clicks` corrective clicks, each put
+    in the largest FN or FP region of the current mask. `predict(SlicePrompt) -> mask`. Returns the Dice after
+    the box and after each click."""
+    from .trainers.samassist import jitter_box
+
+    box = jitter_box(target.mask, *box_jitter, rng)
+    fg, bg = [], []
+    scores = []
+    for _ in range(max_clicks + 1):
+        prompt = SlicePrompt(axis=axis, index=index, foreground=np.asarray(fg, np.float32).reshape(-1, 2),
+                             background=np.asarray(bg, np.float32).reshape(-1, 2), box=box)
+        predicted = predict(prompt)
+        scores.append(dice(predicted, target.mask))
+        click = corrective_click(target.mask, predicted)
+        if click is None:
+            scores += [scores[-1]] * (max_clicks + 1 - len(scores))
+            break
+        (fg if click[1] == 1 else bg).append(click[0])
+    return scores

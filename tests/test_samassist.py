@@ -120,3 +120,30 @@ def test_the_infer_task_serves_a_stored_prompt_encoder_for_its_label(thalamus_ca
     assert result["learned_prompt"] == "thalamus_left" and after >= 0.55
     assert task.info()["learned_prompts"]["thalamus_left"]["slices"] == c["train"]
     print("task click Dice, box search -> learned prompt:", round(before, 3), round(after, 3))
+
+
+def test_corrective_clicks_go_to_the_largest_error():
+    from lib.evaluation import corrective_click
+
+    mask = disc(radius=15)
+    predicted = disc(radius=15)
+    predicted[:, 40:] = False  # a missed slab on the right
+    predicted[2:6, 2:6] = True  # a small false positive
+    (row, col), label = corrective_click(mask, predicted)
+    assert label == 1 and mask[int(row), int(col)] and not predicted[int(row), int(col)]
+    assert corrective_click(mask, mask) is None
+
+
+def test_active_validation_reports_box_then_clicks(thalamus_case):
+    from lib.evaluation import active_validation
+    from lib.infers.cache import LRUCache
+    from lib.infers.predictor import ObjectMemory, PromptPredictor
+
+    c = thalamus_case
+    predictor = PromptPredictor(c["model"], torch.device("cpu"), LRUCache(8), ObjectMemory())
+    k = c["held_out"][0]
+    target = Target("thalamus", c["mask_of"](k))
+    image = c["slice_of"](k)
+    scores = active_validation(lambda prompt: predictor.predict(image, prompt, ("v", k))[0], target, 2, k,
+                               np.random.default_rng(0), max_clicks=3)
+    assert len(scores) == 4 and all(0 <= s <= 1 for s in scores) and scores[0] > 0.5
