@@ -1,0 +1,117 @@
+"""SAMassist on the sample data: learn the prompt encoder from 2 or 5 annotated slices, then segment held-out
+slices with n random clicks (n foreground + n background, as the paper samples them) or a jittered box.
+
+    .venv/bin/python benchmarks/bench_samassist.py [--json out.json]
+
+Structures: Colin27 T1 left thalamus (AAL 77) and left putamen (AAL 73), axial. Training slices are drawn as the
+paper does (normal around the median foreground slice); every other foreground slice is held out. Also shown:
+the app's click without learning (box search, lib/infers/predictor.py) for one click.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from lib.evaluation import Target, click_prompt, dice  # noqa: E402
+from lib.infers.cache import LRUCache  # noqa: E402
+from lib.infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor  # noqa: E402
+from lib.models.sam import build_litemedsam  # noqa: E402
+from lib.trainers.samassist import (PromptEncoderLearner, PromptLearningSettings, jitter_box, sample_points,  # noqa: E402
+                                    select_training_slices)
+from lib.transforms import (ModelFrame, Window, apply_intensity_range, compute_intensity_range, extract_slice,  # noqa: E402
+                            resize_to_model)
+from lib.volumes import load_image  # noqa: E402
+
+DATA = os.path.join(REPO, "sample-data")
+STRUCTURES = {"thalamus_L": 77, "putamen_L": 73}
+CLICKS = (1, 3, 5)
+
+
+def run(model) -> list[dict]:
+    image = load_image(os.path.join(DATA, "colin27_t1.nii.gz"))
+    labels = load_image(os.path.join(DATA, "labels", "final", "colin27_t1.nii.gz")).array[0].numpy().round()
+    intensity = compute_intensity_range(image.array.numpy(), "MR")
+    slice_of = lambda k: apply_intensity_range(extract_slice(image.array[:1], 2, k), intensity)
+    rows = []
+    for name, value in STRUCTURES.items():
+        volume = labels == value
+        mask_of = lambda k: extract_slice(torch.as_tensor(volume[None].astype(np.float32)), 2, k)[0].numpy() > 0
+        for n_slices in (2, 5):
+            rng = np.random.default_rng(0)
+            train = select_training_slices(volume, 2, n_slices, rng)
+            encoders, seconds = {}, {}
+            for prompt in ("points", "boxes"):
+                learner = PromptEncoderLearner(model, torch.device("cpu"), PromptLearningSettings(prompt=prompt))
+                start = time.perf_counter()
+                for k in train:
+                    learner.add_slice(slice_of(k), mask_of(k))
+                learned = learner.train()
+                seconds[prompt] = time.perf_counter() - start
+                encoder = copy.deepcopy(model.prompt_encoder)
+                encoder.load_state_dict(learned.state_dict)
+                encoders[prompt] = encoder.eval()
+            held_out = [k for k in range(volume.shape[2]) if mask_of(k).sum() >= 30 and k not in train][::2]
+            scores: dict[str, list] = {}
+            predictor = PromptPredictor(model, torch.device("cpu"), LRUCache(4), ObjectMemory(), PredictorSettings())
+            for k in held_out:
+                mask, image_slice = mask_of(k), slice_of(k)
+                frame = ModelFrame(Window.whole(mask.shape), model.image_size)
+                with torch.inference_mode():
+                    embedding = model.encode(resize_to_model(image_slice, frame).expand(3, -1, -1)[None])
+                prng = np.random.default_rng(k)
+                for n in CLICKS:
+                    points = np.concatenate([sample_points(mask, n, "uniform", prng), sample_points(~mask, n, "uniform", prng)])
+                    coords = torch.as_tensor(frame.points_to_model(points))[None]
+                    labels_t = torch.as_tensor([[1] * n + [0] * n])
+                    for which, encoder in (("vanilla", None), ("learned", encoders["points"])):
+                        with torch.inference_mode():
+                            logits, _ = model.decode(embedding, point_coords=coords, point_labels=labels_t,
+                                                     prompt_encoder=encoder)
+                        pred = frame.paste(frame.logits_to_window(logits[:, 0])[0] > 0, mask.shape, fill=False).numpy()
+                        scores.setdefault(f"{which} {n} click(s)", []).append(dice(pred, mask))
+                box = torch.as_tensor(frame.box_to_model(jitter_box(mask, 5, 10, prng)))[None]
+                for which, encoder in (("vanilla", None), ("learned", encoders["boxes"])):
+                    with torch.inference_mode():
+                        logits, _ = model.decode(embedding, boxes=box, prompt_encoder=encoder)
+                    pred = frame.paste(frame.logits_to_window(logits[:, 0])[0] > 0, mask.shape, fill=False).numpy()
+                    scores.setdefault(f"{which} box (jittered)", []).append(dice(pred, mask))
+                target = Target(name, mask)
+                scores.setdefault("app click, no learning (box search)", []).append(
+                    dice(predictor.predict(image_slice, click_prompt(target, 2, k), (name, k))[0], mask))
+            rows.append({"structure": name, "slices": n_slices, "train_slices": train, "held_out": len(held_out),
+                         "train_seconds_points": round(seconds["points"], 1),
+                         "train_seconds_boxes": round(seconds["boxes"], 1),
+                         **{key: round(float(np.mean(v)), 3) for key, v in scores.items()}})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = run(build_litemedsam().eval())
+    keys = [k for k in rows[0] if k not in ("structure", "slices", "train_slices", "held_out")]
+    print("| structure | slices | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for r in rows:
+        print(f"| {r['structure']} | {r['slices']} | " + " | ".join(str(r[k]) for k in keys) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
