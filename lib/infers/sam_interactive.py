@@ -149,7 +149,10 @@ class SamInteractiveInfer(InferTask):
         learned = self.prompt_store.encoder_for(label_name, self.model.prompt_encoder) if self.prompt_store else None
         mask, info = self.predictor(_truthy(req.get("zoom", True))).predict(slice_image, prompt, cache_key, learned)
 
-        label_value = int(req.get("label_value", 1))
+        try:
+            label_value = int(req.get("label_value", 1))
+        except (TypeError, ValueError) as e:
+            raise bad_request(f"'label_value' must be an integer, got {req.get('label_value')!r}") from e
         label = self._to_volume(mask.astype(np.uint8) * label_value, image, prompt.axis, prompt.index)
         write_start = time.perf_counter()
         path_out = write_label(label, image, req.get("result_extension"), req.get("result_dtype"))
@@ -157,7 +160,7 @@ class SamInteractiveInfer(InferTask):
 
         result = {
             # Slicer names the segment being edited in `label`; answer in its terms.
-            "label_names": {str(req.get("label") or self.labels[0]): label_value},
+            "label_names": {str(label_name or self.labels[0]): label_value},
             "slice": prompt.index, "axis": prompt.axis, "modality": modality,
             "mask_voxels": int(mask.sum()),
             "cache": {"image_hit": image_hit, "embedding_hit": info["encoder_runs"] == 0,
