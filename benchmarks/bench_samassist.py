@@ -78,13 +78,13 @@ def run(model) -> list[dict]:
                         with torch.inference_mode():
                             logits, _ = model.decode(embedding, point_coords=coords, point_labels=labels_t,
                                                      prompt_encoder=encoder)
-                        pred = frame.paste(frame.logits_to_window(logits[:, 0])[0] > 0, mask.shape, fill=False).numpy()
+                        pred = frame.mask_on_slice(logits[0, 0], mask.shape)
                         scores.setdefault(f"{which} {n} click(s)", []).append(dice(pred, mask))
                 box = torch.as_tensor(frame.box_to_model(jitter_box(mask, 5, 10, prng)))[None]
                 for which, encoder in (("vanilla", None), ("learned", encoders["boxes"])):
                     with torch.inference_mode():
                         logits, _ = model.decode(embedding, boxes=box, prompt_encoder=encoder)
-                    pred = frame.paste(frame.logits_to_window(logits[:, 0])[0] > 0, mask.shape, fill=False).numpy()
+                    pred = frame.mask_on_slice(logits[0, 0], mask.shape)
                     scores.setdefault(f"{which} box (jittered)", []).append(dice(pred, mask))
                 target = Target(name, mask)
                 scores.setdefault("app click, no learning (box search)", []).append(

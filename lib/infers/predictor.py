@@ -110,10 +110,13 @@ class PromptPredictor:
         embedding, hit = self.embeddings.get_or_compute(cache_key + (window.as_tuple(),), encode)
         return embedding, frame, hit
 
+    def model_box(self, frame: ModelFrame, box_rc) -> np.ndarray:
+        """A slice box in the model frame, padded by `box_padding` on every side."""
+        return frame.box_to_model(box_rc) + np.array([-1, -1, 1, 1], dtype=np.float32) * self.settings.box_padding
+
     def decode_boxes(self, embedding, frame: ModelFrame, boxes_rc: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Window logits (B, h, w) and predicted IoU (B,) for a batch of slice boxes."""
-        pad = np.array([-1, -1, 1, 1], dtype=np.float32) * self.settings.box_padding
-        boxes = torch.as_tensor(np.stack([frame.box_to_model(b) + pad for b in boxes_rc]), device=self.device)
+        boxes = torch.as_tensor(np.stack([self.model_box(frame, b) for b in boxes_rc]), device=self.device)
         with torch.inference_mode():
             logits, iou = self.model.decode(embedding, boxes=boxes)  # one embedding, shared by all the boxes
         return frame.logits_to_window(logits[:, 0]), iou[:, 0]
@@ -125,7 +128,7 @@ class PromptPredictor:
         prompt_encoder: a learned one (SAMassist) that understands this label's clicks: they then go to the
         model as points, with no box search."""
         shape = tuple(slice_image.shape[-2:])
-        info = {"encoder_runs": 0, "cache_hits": 0}
+        info = {"encoder_runs": 0}
         t0 = time.perf_counter()
         if prompt_encoder is not None:
             box, logits, iou, window = self._predict_learned(slice_image, prompt, cache_key, info, prompt_encoder)
@@ -142,7 +145,7 @@ class PromptPredictor:
 
     def _embed_counted(self, slice_image, window: Window, cache_key: tuple, info: dict):
         embedding, frame, hit = self.embed(slice_image, window, cache_key)
-        info["cache_hits" if hit else "encoder_runs"] += 1
+        info["encoder_runs"] += 0 if hit else 1
         return embedding, frame
 
     def _window_for(self, box, shape) -> Window:
@@ -163,8 +166,7 @@ class PromptPredictor:
             coords = torch.as_tensor(frame.points_to_model(points)[None], device=self.device)
             labels = torch.as_tensor([[1] * len(prompt.foreground) + [0] * len(prompt.background)], device=self.device)
         if prompt.box is not None:
-            pad = np.array([-1, -1, 1, 1], dtype=np.float32) * self.settings.box_padding
-            boxes = torch.as_tensor((frame.box_to_model(prompt.box) + pad)[None], device=self.device)
+            boxes = torch.as_tensor(self.model_box(frame, prompt.box)[None], device=self.device)
         with torch.inference_mode():
             logits, iou = self.model.decode(embedding, point_coords=coords, point_labels=labels, boxes=boxes,
                                             prompt_encoder=prompt_encoder)

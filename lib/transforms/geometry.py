@@ -126,6 +126,10 @@ class ModelFrame:
         x = F.interpolate(x, size=(self.window.height, self.window.width), mode="bilinear", align_corners=False)
         return x.reshape(*lead, self.window.height, self.window.width)
 
+    def mask_on_slice(self, logits: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
+        """Model-frame logits (s, s) -> the (H, W) boolean mask on the whole slice."""
+        return self.paste(self.logits_to_window(logits) > 0, slice_shape, fill=False).cpu().numpy()
+
     def paste(self, window_values: torch.Tensor, slice_shape: tuple[int, int], fill=0) -> torch.Tensor:
         """Place window-sized values (..., height, width) onto a full slice (..., H, W)."""
         h, w = slice_shape
