@@ -39,7 +39,12 @@ class PromptableSAMApp(MONAILabelApp):
         return infers
 
     def init_trainers(self):
-        return {}
+        trainers = {}
+        for name, config in self.task_configs.items():
+            task = config.trainer()
+            if task:
+                trainers[name] = task
+        return trainers
 
     def infer(self, request, datastore=None):
         image = request.get("image")

@@ -141,3 +141,21 @@ def active_validation(predict, target: Target, axis, index, rng: np.random.Gener
             break
         (fg if click[1] == 1 else bg).append(click[0])
     return scores
+
+
+def validate_prompts(predict, slices, rng: np.random.Generator, max_clicks: int = 5) -> dict:
+    """What a clinician would get on labelled slices the model did not learn from: one click at the target's
+    interior, and active validation (jittered box, then corrective clicks). `predict(slice_image, prompt,
+    cache_key) -> mask`; `slices`: (slice_image, target mask, axis, index, cache_key). Mean Dice over slices."""
+    click, active = [], []
+    for slice_image, mask, axis, index, cache_key in slices:
+        target = Target("validation", mask)
+        run = lambda prompt: predict(slice_image, prompt, cache_key)
+        click.append(dice(run(click_prompt(target, axis, index)), mask))
+        active.append(active_validation(run, target, axis, index, rng, max_clicks=max_clicks))
+    if not slices:
+        return {}
+    active_mean = np.mean(np.asarray(active), axis=0)
+    return {"slices": len(slices), "one_click_dice": round(float(np.mean(click)), 4),
+            "box_dice": round(float(active_mean[0]), 4),
+            "box_then_clicks_dice": [round(float(v), 4) for v in active_mean]}

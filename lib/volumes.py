@@ -19,6 +19,8 @@ from monai.transforms import LoadImage
 from PIL import Image
 
 from .errors import not_found, unreadable
+from .transforms.geometry import extract_slice
+from .transforms.intensity import IntensityRange, apply_intensity_range, compute_intensity_range, parse_ct_window, resolve_modality
 
 # Level 1: a mostly-empty label volume compresses nearly as well as at level 9 and several times faster.
 nib.openers.Opener.default_compresslevel = 1
@@ -51,6 +53,26 @@ class LoadedImage:
     @property
     def is_rgb(self) -> bool:
         return self.is_2d and self.array.shape[0] in (3, 4)
+
+    def intensity(self, modality: str | None = None, ct_window=None) -> tuple[tuple, IntensityRange]:
+        """((modality, CT window), intensity range) that slices of this image are normalised with: the named
+        modality (validated), else the one its metadata gives or its values suggest. Computed once per image and
+        key; the same for a click and for training. Raises ValueError on an unknown modality or window."""
+        if modality is None:
+            if self.default_modality is None:  # guessing looks at the whole volume's values: once per image
+                self.default_modality = resolve_modality(None, self.meta, self.array.numpy(), self.is_rgb)
+            modality = self.default_modality
+        modality = resolve_modality(modality, None, self.array, self.is_rgb)
+        key = (modality, parse_ct_window(ct_window or None) if modality == "CT" else None)
+        if key not in self.intensity_ranges:
+            self.intensity_ranges[key] = compute_intensity_range(self.array.numpy(), *key)
+        return key, self.intensity_ranges[key]
+
+    def normalised_slice(self, axis: int | None, index: int, intensity: IntensityRange) -> torch.Tensor:
+        """A (C, rows, cols) slice in [0, 1]. RGB(A) photographs keep their colour; anything else (incl. 4D
+        series) is read from its first channel."""
+        channels = self.array[:3] if self.is_rgb else self.array[:1]
+        return apply_intensity_range(extract_slice(channels, axis, index), intensity, "unit")
 
 
 def fingerprint(path: str) -> tuple:

@@ -42,9 +42,10 @@ def read_label(path: str) -> np.ndarray:
 class Server:
     """`monailabel start_server` on 127.0.0.1 with our app over a copy of the sample data."""
 
-    def __init__(self, studies: str, log_path: str, app: str = os.path.join(REPO, "apps")):
+    def __init__(self, studies: str, log_path: str, app: str = os.path.join(REPO, "apps"), conf: dict | None = None):
         self.studies = studies
         self.app = app
+        self.conf = conf or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -56,7 +57,8 @@ class Server:
         # The `monailabel` launcher runs whichever `python` is first on PATH; name this interpreter instead.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "monailabel.main", "start_server", "--app", self.app, "--studies", self.studies,
-             "--host", "127.0.0.1", "--port", str(self.port)],
+             "--host", "127.0.0.1", "--port", str(self.port),
+             *[arg for key, value in self.conf.items() for arg in ("--conf", key, str(value))]],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.time() + timeout
         while time.time() < deadline:

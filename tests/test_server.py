@@ -30,7 +30,7 @@ def server(tmp_path_factory):
     studies = copy_sample_data(str(root / "studies"))
     with open(os.path.join(studies, "corrupt.nii.gz"), "wb") as f:
         f.write(b"this is not a NIfTI file" * 10)
-    srv = Server(studies, str(root / "server.log")).start()
+    srv = Server(studies, str(root / "server.log"), conf={"models_dir": str(root / "model")}).start()
     yield srv
     srv.stop()
 

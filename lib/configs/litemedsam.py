@@ -11,6 +11,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..infers.sam_interactive import SamInteractiveInfer
 from ..trainers.prompt_store import PromptEncoderStore
+from ..trainers.samassist_task import SAMassistTrainTask
 from .settings import load_settings
 
 
@@ -19,15 +20,19 @@ class LiteMedSAMConfig(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.settings = load_settings(conf)
 
-    def infer(self) -> Dict[str, InferTask]:
+        self.prompt_store = PromptEncoderStore(os.path.join(self.model_dir, "prompts", self.name))
+
+    def build_model(self, device):
         from ..models.sam import build_litemedsam  # imported here: app start stays cheap
 
-        checkpoint = self.settings.get("litemedsam_checkpoint") or None
+        return build_litemedsam(checkpoint=self.settings.get("litemedsam_checkpoint") or None, device=device)
+
+    def infer(self) -> Dict[str, InferTask]:
         task = SamInteractiveInfer.from_settings(
-            lambda device: build_litemedsam(checkpoint=checkpoint, device=device),
-            "LiteMedSAM (MedSAM distilled to TinyViT): draw a box or click on a slice", self.settings,
-            prompt_store=PromptEncoderStore(os.path.join(self.model_dir, "prompts", self.name)))
+            self.build_model, "LiteMedSAM (MedSAM distilled to TinyViT): draw a box or click on a slice",
+            self.settings, prompt_store=self.prompt_store)
         return {self.name: task}
 
     def trainer(self) -> Optional[TrainTask]:
-        return None
+        return SAMassistTrainTask.from_settings(os.path.join(self.model_dir, "train", self.name), self.build_model,
+                                                self.prompt_store, self.settings)

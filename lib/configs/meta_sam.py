@@ -10,6 +10,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 from ..infers.sam_interactive import SamInteractiveInfer
+from ..trainers.prompt_store import PromptEncoderStore
+from ..trainers.samassist_task import SAMassistTrainTask
 from .settings import load_settings
 
 
@@ -17,16 +19,20 @@ class MetaSAMConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner=None, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.settings = load_settings(conf)
+        self.prompt_store = PromptEncoderStore(os.path.join(self.model_dir, "prompts", self.name))
 
-    def infer(self) -> Dict[str, InferTask]:
+    def build_model(self, device):
         from ..models.sam import build_sam_vit, resolve_checkpoint
 
-        variant, source = self.settings["sam_variant"], self.settings["sam_checkpoint"]
+        checkpoint = resolve_checkpoint(self.settings["sam_checkpoint"], cache_dir=self.model_dir)
+        return build_sam_vit(self.settings["sam_variant"], checkpoint=checkpoint, device=device)
+
+    def infer(self) -> Dict[str, InferTask]:
         task = SamInteractiveInfer.from_settings(
-            lambda device: build_sam_vit(variant, checkpoint=resolve_checkpoint(source, cache_dir=self.model_dir),
-                                         device=device),
-            f"Segment Anything {variant.upper()} (Meta): draw a box or click on a slice", self.settings)
+            self.build_model, f"Segment Anything {self.settings['sam_variant'].upper()} (Meta): draw a box or click "
+            "on a slice", self.settings, prompt_store=self.prompt_store)
         return {self.name: task}
 
     def trainer(self) -> Optional[TrainTask]:
-        return None
+        return SAMassistTrainTask.from_settings(os.path.join(self.model_dir, "train", self.name), self.build_model,
+                                                self.prompt_store, self.settings)

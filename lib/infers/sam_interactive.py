@@ -18,8 +18,7 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..errors import RequestError, bad_request, not_found
-from ..transforms.intensity import apply_intensity_range, compute_intensity_range, parse_ct_window, resolve_modality
-from ..transforms.geometry import extract_slice, in_plane_axes
+from ..transforms.geometry import in_plane_axes
 from ..volumes import LoadedImage, load_image, fingerprint, write_label
 from .cache import LRUCache
 from ..trainers.prompt_store import PromptEncoderStore
@@ -53,7 +52,7 @@ class SamInteractiveInfer(InferTask):
             dimension=2,  # one slice per request: Slicer then sends that slice's points and merges the slice
             description=description,
             config={"modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
-                    "axis": 2, "zoom": settings.zoom},
+                    "axis": 2, "zoom": settings.zoom, "prompt_encoder": "auto"},
         )
         self.model_factory = model_factory
         self.device = pick_device(device)
@@ -97,6 +96,21 @@ class SamInteractiveInfer(InferTask):
                 logger.info(f"Loaded {type(self._model).__name__} on {self.device} in {time.perf_counter() - start:.1f}s")
             return self._model
 
+    def learned_encoder(self, label: str | None, prompt, choice: str):
+        """The label's learned prompt encoder (SAMassist) when it should answer this prompt, else None (vanilla).
+
+        "auto": learned for clicks, vanilla for a box. The learned encoder is what makes clicks work on a box-trained
+        model; for boxes, and boxes with corrective clicks, the vanilla one scored higher in validation on our data
+        (README), so a box keeps the behaviour the model was trained for. "learned"/"vanilla" force either."""
+        if choice not in ("auto", "learned", "vanilla"):
+            raise bad_request(f"'prompt_encoder' must be auto, learned or vanilla, got {choice!r}")
+        if choice == "vanilla" or (choice == "auto" and prompt.box is not None) or not self.prompt_store:
+            return None
+        encoder = self.prompt_store.encoder_for(label, self.model.prompt_encoder)
+        if encoder is None and choice == "learned":
+            raise not_found(f"no learned prompt encoder for label {label!r}: train one with POST /train/")
+        return encoder
+
     def predictor(self, zoom: bool) -> PromptPredictor:
         settings = self.settings if zoom == self.settings.zoom else dataclasses.replace(self.settings, zoom=zoom)
         return PromptPredictor(self.model, self.device, self.embeddings, self.objects, settings)
@@ -128,25 +142,14 @@ class SamInteractiveInfer(InferTask):
 
         prompt = parse_prompt(req, image.spatial_shape)
         try:
-            modality = req.get("modality") or image.default_modality
-            if modality is None:  # guessing looks at the whole volume's values: once per image
-                modality = image.default_modality = resolve_modality(None, image.meta, image.array.numpy(), image.is_rgb)
-            modality = resolve_modality(modality, None, image.array, image.is_rgb)  # validates a requested name
-            ct_window = parse_ct_window(req.get("ct_window") or None) if modality == "CT" else None
+            range_key, intensity = image.intensity(req.get("modality") or None, req.get("ct_window"))
         except ValueError as e:
             raise bad_request(str(e)) from e
-        range_key = (modality, ct_window)
-        if range_key not in image.intensity_ranges:
-            image.intensity_ranges[range_key] = compute_intensity_range(image.array.numpy(), modality, ct_window)
-        intensity = image.intensity_ranges[range_key]
-
-        # RGB(A) photographs keep their colour; anything else (incl. 4D series) is read from its first channel.
-        channels = image.array[:3] if image.is_rgb else image.array[:1]
-        raw_slice = extract_slice(channels, prompt.axis, prompt.index)
-        slice_image = apply_intensity_range(raw_slice, intensity, "unit")
+        modality = range_key[0]
+        slice_image = image.normalised_slice(prompt.axis, prompt.index, intensity)
         cache_key = ("model", image.fingerprint, range_key, prompt.axis, prompt.index)
         label_name = req.get("label") or None
-        learned = self.prompt_store.encoder_for(label_name, self.model.prompt_encoder) if self.prompt_store else None
+        learned = self.learned_encoder(label_name, prompt, req.get("prompt_encoder") or "auto")
         mask, info = self.predictor(_truthy(req.get("zoom", True))).predict(slice_image, prompt, cache_key, learned)
 
         try:

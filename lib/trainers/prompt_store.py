@@ -24,7 +24,7 @@ def _safe(label: str) -> str:
     return name
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
@@ -49,8 +49,8 @@ class PromptEncoderStore:
     def save(self, label: str, state_dict: dict, info: dict) -> None:
         os.makedirs(self.root, exist_ok=True)
         weights, meta = self.paths(label)
-        _atomic_write(weights, lambda f: torch.save(state_dict, f))
-        _atomic_write(meta, lambda f: f.write(json.dumps({"label": label, **info}, indent=2).encode()))
+        atomic_write(weights, lambda f: torch.save(state_dict, f))
+        atomic_write(meta, lambda f: f.write(json.dumps({"label": label, **info}, indent=2).encode()))
 
     def info(self) -> dict:
         """label -> what was learned, for every stored prompt encoder."""

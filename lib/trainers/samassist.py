@@ -21,7 +21,9 @@ from scipy import ndimage
 from ..transforms.geometry import ModelFrame, Window, crop_window, resize_to_model
 
 SCHEMES = ("uniform", "center", "boundary")
-PROMPTS = ("points", "boxes", "composite")
+# The paper's three prompt types, each learned on its own; "mixed" (ours) draws one of them per prompt set, with
+# 0..n background points, so that one served encoder takes whatever a client sends: a click, a box, or both.
+PROMPTS = ("points", "boxes", "composite", "mixed")
 
 
 @dataclass(frozen=True)
@@ -140,14 +142,17 @@ class PromptEncoderLearner:
         """One decoder batch of random prompts for a slice: model-frame point coords/labels and boxes."""
         s = self.settings
         coords, labels, boxes = [], [], []
+        # One kind per batch: the decoder batches prompts with equal token counts (a box is two tokens).
+        kind = s.prompt if s.prompt != "mixed" else PROMPTS[int(rng.integers(0, 3))]
         for _ in range(s.prompts_per_slice):
-            if s.prompt in ("points", "composite"):
+            if kind in ("points", "composite"):
                 n = int(rng.integers(1, s.max_points))
+                n_background = int(rng.integers(0, n + 1)) if s.prompt == "mixed" else n
                 fg = sample_points(item.mask, n, s.scheme, rng)
-                bg = sample_points(~item.mask, n, "uniform", rng)
+                bg = sample_points(~item.mask, n_background, "uniform", rng)
                 coords.append(item.frame.points_to_model(np.concatenate([fg, bg])))
                 labels.append(np.array([1] * len(fg) + [0] * len(bg)))
-            if s.prompt in ("boxes", "composite"):
+            if kind in ("boxes", "composite"):
                 boxes.append(item.frame.box_to_model(jitter_box(item.mask, *s.box_jitter, rng)))
         width = max((len(l) for l in labels), default=0)
         if labels:  # pad to one length with SAM's "not a point" label
@@ -156,35 +161,48 @@ class PromptEncoderLearner:
         as_tensor = lambda a, dtype: torch.as_tensor(np.stack(a), dtype=dtype, device=self.device) if a else None
         return as_tensor(coords, torch.float32), as_tensor(labels, torch.long), as_tensor(boxes, torch.float32)
 
+    def trainable_encoder(self) -> torch.nn.Module:
+        """A trainable copy of the model's prompt encoder; the decoder is frozen (its gradients flow, unstored)."""
+        self.model.mask_decoder.requires_grad_(False)
+        return copy.deepcopy(self.model.prompt_encoder).to(self.device).train().requires_grad_(True)
+
+    def step(self, encoder: torch.nn.Module, optimizer: torch.optim.Optimizer, slices: list[TrainingSlice],
+             rng: np.random.Generator) -> float:
+        """One optimisation step: new random prompts on every slice, loss averaged over the slices."""
+        optimizer.zero_grad()
+        total = 0.0
+        for item in slices:
+            coords, labels, boxes = self.draw_prompts(item, rng)
+            logits, _ = self.model.decode(item.embedding, point_coords=coords, point_labels=labels, boxes=boxes,
+                                          prompt_encoder=encoder)
+            loss = segmentation_loss(logits, item.target.expand_as(logits)) / len(slices)
+            loss.backward()
+            total += float(loss.detach())
+        optimizer.step()
+        return total
+
+    def optimizer(self, encoder: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(encoder.parameters(), lr=self.settings.learning_rate)
+
     def train(self, progress=None) -> LearnedPrompt:
         if not self.slices:
             raise ValueError("no annotated slices to learn from")
         s = self.settings
         rng = np.random.default_rng(s.seed)
         torch.manual_seed(s.seed)
-        learned = copy.deepcopy(self.model.prompt_encoder).to(self.device).train()
-        for p in learned.parameters():
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(learned.parameters(), lr=s.learning_rate)
-        decoder = self.model.mask_decoder
-        decoder.requires_grad_(False)
+        encoder = self.trainable_encoder()
+        optimizer = self.optimizer(encoder)
         losses, start = [], time.perf_counter()
         for step in range(s.iterations):
-            optimizer.zero_grad()
-            total = 0.0
-            for item in self.slices:
-                coords, labels, boxes = self.draw_prompts(item, rng)
-                logits, _ = self.model.decode(item.embedding, point_coords=coords, point_labels=labels, boxes=boxes,
-                                              prompt_encoder=learned)
-                loss = segmentation_loss(logits, item.target.expand_as(logits))
-                (loss / len(self.slices)).backward()
-                total += float(loss.detach()) / len(self.slices)
-            optimizer.step()
-            losses.append(total)
+            losses.append(self.step(encoder, optimizer, self.slices, rng))
             if progress:
-                progress(step + 1, s.iterations, total)
-        state = {k: v.detach().cpu().clone() for k, v in learned.state_dict().items()}
-        return LearnedPrompt(state, s, seconds=time.perf_counter() - start, losses=losses)
+                progress(step + 1, s.iterations, losses[-1])
+        return LearnedPrompt(state_dict_of(encoder), s, seconds=time.perf_counter() - start, losses=losses)
+
+
+def state_dict_of(module: torch.nn.Module) -> dict:
+    """A detached CPU copy of a module's weights, ready to save."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,307 @@
+"""SAMassist as a MONAI Label train task: `POST /train/<model>` with {"label": "Thalamus_L", "slices": 2}.
+
+What a run does, in the subprocess MONAI Label starts for training:
+1. Finds the annotated slices: the datastore's final labels that hold the label (its voxel value comes from the
+   request's `label_value`, else from the names a client saved with the label). When more slices are labelled than
+   asked for, they are drawn as the paper does (normal around the median foreground slice); a label drawn on just
+   those slices is used as it is.
+2. Encodes those slices once with the frozen image encoder, then trains a copy of the prompt encoder with MONAI's
+   ignite SupervisedTrainer: one epoch is one optimisation step over all annotated slices (the paper's iteration),
+   so `GET /train/` and `/info` (train_stats) follow the run step by step.
+3. Validates on labelled slices it did not train on (one click; box then corrective clicks), for the learned and the
+   vanilla prompt encoder alike, through the same predictor the infer task uses.
+4. Saves the learned encoder and what was learned to the per-label store, atomically: the infer task serves it at
+   the next click. A failed or stopped run leaves the store as it was, and says why in train_stats.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from ..evaluation import validate_prompts
+from ..infers.cache import LRUCache
+from ..infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor
+from ..transforms.geometry import extract_slice
+from ..volumes import load_image
+from .prompt_store import PromptEncoderStore, atomic_write
+from .samassist import PromptEncoderLearner, PromptLearningSettings, segmentation_loss, select_training_slices, state_dict_of
+
+logger = logging.getLogger(__name__)
+
+MIN_VALIDATION_AREA = 30  # pixels: smaller cross-sections are slivers a person would not click on
+MAX_SLICES = 20  # the method is for a few slices; more only slows the run down
+
+
+class TrainingRequestError(ValueError):
+    """A training request that cannot run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class AnnotatedSlice:
+    image: str
+    label: str
+    axis: int | None  # None: a 2D image
+    index: int | None
+    role: str  # "train" or "validation"
+
+
+def _int(request: dict, key: str, low: int, high: int) -> int:
+    try:
+        value = int(request[key])
+    except (TypeError, ValueError) as e:
+        raise TrainingRequestError(f"'{key}' must be an integer, got {request[key]!r}") from e
+    if not low <= value <= high:
+        raise TrainingRequestError(f"'{key}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def label_value_for(name: str, request: dict, datastore, image_ids: list[str]) -> int:
+    """The voxel value of a named label: the request's `label_value`, else the value a client saved under that
+    name with a final label (Slicer's label_info)."""
+    if request.get("label_value") not in (None, ""):
+        return _int(request, "label_value", 1, 65535)
+    for image_id in image_ids:
+        for entry in datastore.get_label_info(image_id, "final").get("label_info", []) or []:
+            if isinstance(entry, dict) and str(entry.get("name", "")).lower() == name.lower() and "idx" in entry:
+                return int(entry["idx"])
+    raise TrainingRequestError(f"no saved label names {name!r}: give its voxel value as 'label_value'")
+
+
+def plan_slices(cases: list[tuple[str, str]], value: int, axis: int, count: int, validation: int,
+                rng: np.random.Generator) -> list[AnnotatedSlice]:
+    """Training and validation slices over (image, label) pairs: `count` training slices in all, from the first
+    labelled volumes; up to `validation` other labelled slices, evenly spread, to validate on."""
+    planned: list[AnnotatedSlice] = []
+    for image_path, label_path in cases:
+        needed = count - sum(p.role == "train" for p in planned)
+        label = load_image(label_path)
+        volume = label.array[0].numpy().round() == value
+        if not volume.any():
+            continue
+        if label.is_2d:
+            planned.append(AnnotatedSlice(image_path, label_path, None, None, "train" if needed else "validation"))
+            continue
+        areas = np.moveaxis(volume, axis, 0).reshape(volume.shape[axis], -1).sum(1)
+        train = select_training_slices(volume, axis, needed, rng) if needed else []
+        planned += [AnnotatedSlice(image_path, label_path, axis, k, "train") for k in train]
+        rest = [k for k in np.nonzero(areas >= MIN_VALIDATION_AREA)[0].tolist() if k not in train]
+        planned += [AnnotatedSlice(image_path, label_path, axis, k, "validation") for k in rest]
+    held_out = [p for p in planned if p.role == "validation"]
+    if len(held_out) > validation:
+        keep = {held_out[i] for i in np.linspace(0, len(held_out) - 1, validation).round().astype(int)}
+        planned = [p for p in planned if p.role == "train" or p in keep]
+    return planned
+
+
+class SAMassistTrainTask(BasicTrainTask):
+    def __init__(self, model_dir: str, model_factory, prompt_store: PromptEncoderStore, device=None,
+                 modality: str | None = None, ct_window=None, predictor_settings: PredictorSettings | None = None,
+                 description: str = "SAMassist: learn this model's prompt encoder for one label from 2-5 labelled slices"):
+        defaults = PromptLearningSettings()
+        config = {"label": "", "label_value": "", "slices": 2, "axis": 2, "prompt": defaults.prompt,
+                  "scheme": defaults.scheme, "iterations": defaults.iterations,
+                  "learning_rate": defaults.learning_rate, "validation_slices": 6, "seed": defaults.seed}
+        super().__init__(model_dir, description, config=config, amp=False,
+                         stats_path=os.path.join(model_dir, "train_stats.json"))
+        for unused in ("max_epochs", "val_split", "early_stop_patience"):  # one epoch is one step; validation is ours
+            self._config.pop(unused)
+        self._config["multi_gpu"] = False  # a few seconds of work: never worth spawning processes
+        self.model_factory = model_factory
+        self.prompt_store = prompt_store
+        self.requested_device = device
+        self.modality = modality or None
+        self.ct_window = ct_window
+        self.predictor_settings = predictor_settings or PredictorSettings()
+        self._volumes = LRUCache(3)  # the image and label of the current case
+
+    @classmethod
+    def from_settings(cls, model_dir: str, model_factory, prompt_store: PromptEncoderStore, settings: dict):
+        """A task configured by the app's settings: same device, modality and prompt handling as the infer task."""
+        return cls(model_dir, model_factory, prompt_store, device=settings["device"], modality=settings["modality"],
+                   ct_window=settings["ct_window"], predictor_settings=PredictorSettings(zoom=settings["zoom"]))
+
+    # -- request -> plan ---------------------------------------------------------------------------------------
+    def learning_settings(self, request: dict) -> PromptLearningSettings:
+        try:
+            return replace(PromptLearningSettings(), prompt=str(request["prompt"]), scheme=str(request["scheme"]),
+                           iterations=_int(request, "iterations", 1, 10000),
+                           learning_rate=float(request["learning_rate"]), seed=_int(request, "seed", 0, 2 ** 31))
+        except (TypeError, ValueError) as e:
+            raise TrainingRequestError(str(e)) from e
+
+    def pre_process(self, request, datastore):
+        """Validate the request and plan the slices; returned as MONAI Label's datalist."""
+        settings = self.learning_settings(request)
+        name = str(request.get("label") or "").strip()
+        if not name:
+            raise TrainingRequestError("say which label to learn: 'label' (e.g. the segment's name in Slicer)")
+        axis = _int(request, "axis", 0, 2)
+        count = _int(request, "slices", 1, MAX_SLICES)
+        image_ids = datastore.get_labeled_images("final")
+        if not image_ids:
+            raise TrainingRequestError("no image in the datastore has a final label yet: save labels first")
+        value = label_value_for(name, request, datastore, image_ids)
+        cases = [(datastore.get_image_uri(i), datastore.get_label_uri(i, "final")) for i in image_ids]
+        plan = plan_slices(cases, value, axis, count, _int(request, "validation_slices", 0, 100),
+                           np.random.default_rng(settings.seed))
+        if not any(p.role == "train" for p in plan):
+            raise TrainingRequestError(f"no final label has voxels of {name!r} (value {value})")
+        request.update(label=name, label_value=value, max_epochs=settings.iterations, learning=asdict(settings))
+        logger.info(f"SAMassist {name!r} (value {value}): training on "
+                    f"{[(os.path.basename(p.image), p.index) for p in plan if p.role == 'train']}, validating on "
+                    f"{sum(p.role == 'validation' for p in plan)} other slices")
+        return [asdict(p) for p in plan]
+
+    def __call__(self, request, datastore):
+        try:
+            return super().__call__(request, datastore)
+        except Exception as e:
+            self._write_stats({"status": "failed", "label": request.get("label"), "error": str(e)})
+            logger.error(f"SAMassist training failed: {e}")
+            raise
+
+    # -- BasicTrainTask hooks ----------------------------------------------------------------------------------
+    def partition_datalist(self, context: Context, shuffle=False):
+        # Validation is ours (prompt simulation after the last step), not an ignite evaluator per epoch.
+        return [p for p in context.datalist if p["role"] == "train"], []
+
+    def load_path(self, output_dir, pretrained=True):
+        return None  # every run starts from the pretrained prompt encoder, never from another label's
+
+    def _device(self, context: Context) -> torch.device:
+        from ..infers.sam_interactive import pick_device
+
+        return pick_device(self.requested_device)
+
+    def network(self, context: Context):
+        start = time.perf_counter()
+        model = self.model_factory(context.device).eval()
+        learner = PromptEncoderLearner(model, context.device, PromptLearningSettings(**context.request["learning"]))
+        for n, plan in enumerate(context.train_datalist):
+            slice_image, mask = self.annotated_slice(plan, context.request["label_value"])
+            learner.add_slice(slice_image, mask)
+            logger.info(f"encoded training slice {n + 1}/{len(context.train_datalist)}: "
+                        f"{os.path.basename(plan['image'])} index {plan['index']} ({int(mask.sum())} labelled pixels)")
+        context.learner = learner
+        context.encode_seconds = time.perf_counter() - start
+        return learner.trainable_encoder()
+
+    def optimizer(self, context: Context):
+        return context.learner.optimizer(context.network)
+
+    def loss_function(self, context: Context):
+        return segmentation_loss
+
+    # Slices are read, normalised and encoded once by network(); the loader yields indices into them.
+    def train_pre_transforms(self, context: Context):
+        return []
+
+    def train_post_transforms(self, context: Context):
+        return []
+
+    def val_inferer(self, context: Context):
+        return None
+
+    def _create_trainer(self, context: Context):
+        learner: PromptEncoderLearner = context.learner
+        settings = learner.settings
+        rng = np.random.default_rng(settings.seed)
+        torch.manual_seed(settings.seed)
+        slices = torch.utils.data.DataLoader(list(range(len(learner.slices))), batch_size=len(learner.slices),
+                                             collate_fn=list)
+
+        def one_step(engine, batch):
+            return {"loss": learner.step(engine.network, engine.optimizer, [learner.slices[i] for i in batch], rng)}
+
+        trainer = SupervisedTrainer(device=context.device, max_epochs=settings.iterations, train_data_loader=slices,
+                                    network=context.network, optimizer=context.optimizer,
+                                    loss_function=self.loss_function(context), iteration_update=one_step, amp=False,
+                                    decollate=False)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: self._progress(context, engine))
+        trainer.add_event_handler(Events.COMPLETED, lambda engine: self._finish(context, engine))
+        return trainer
+
+    def finalize(self, context):
+        pass  # stats are written by _progress and _finish (MONAI Label's publisher expects an evaluator's metrics)
+
+    # -- progress, validation, publishing ----------------------------------------------------------------------
+    def _progress(self, context: Context, engine) -> None:
+        loss = float(engine.state.output["loss"])
+        context.losses = getattr(context, "losses", []) + [loss]
+        step, total = engine.state.epoch, engine.state.max_epochs
+        if step == 1 or step == total or step % 10 == 0:
+            logger.info(f"SAMassist {context.request['label']!r}: step {step}/{total}, loss {loss:.4f}")
+        self._write_stats({"status": "training", "label": context.request["label"], "step": step,
+                           "total_steps": total, "loss": round(loss, 5),
+                           "elapsed_s": round(time.time() - context.start_ts, 1)})
+
+    def _finish(self, context: Context, engine) -> None:
+        request, learner = context.request, context.learner
+        learned_state = state_dict_of(context.network)
+        train_seconds = time.time() - context.start_ts
+        self._write_stats({"status": "validating", "label": request["label"],
+                           "elapsed_s": round(train_seconds, 1)})
+        learned = copy.deepcopy(learner.model.prompt_encoder)
+        learned.load_state_dict(learned_state)
+        validation = self.validate(context, learned.eval())
+        info = {
+            "model": request.get("model"), "label_value": request["label_value"],
+            "prompt": learner.settings.prompt, "scheme": learner.settings.scheme,
+            "slices": [{"image": os.path.basename(p["image"]), "axis": p["axis"], "index": p["index"]}
+                       for p in context.train_datalist],
+            "num_slices": len(context.train_datalist), "iterations": learner.settings.iterations,
+            "final_loss": round(context.losses[-1], 5), "train_seconds": round(train_seconds, 1),
+            "validation": validation, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        self.prompt_store.save(request["label"], learned_state, info)
+        self._write_stats({"status": "done", "label": request["label"], "total_steps": engine.state.max_epochs,
+                           "elapsed_s": round(time.time() - context.start_ts, 1), **info})
+        logger.info(f"SAMassist {request['label']!r} published: validation {json.dumps(validation)}")
+
+    def validate(self, context: Context, learned: torch.nn.Module) -> dict:
+        """Dice on the held-out labelled slices, learned vs vanilla prompt encoder ({} when all were trained on)."""
+        held_out = [p for p in context.datalist if p["role"] == "validation"]
+        model, value = context.learner.model, context.request["label_value"]
+        slices = []
+        for plan in held_out:
+            slice_image, mask = self.annotated_slice(plan, value)
+            slices.append((slice_image, mask, plan["axis"], plan["index"], (plan["image"], plan["axis"], plan["index"])))
+        embeddings = LRUCache(max(2, 2 * len(slices)))  # each slice encoded once, for both runs
+        result = {"held_out_slices": len(slices)}
+        for name, encoder in (("learned", learned), ("vanilla", None)):
+            predictor = PromptPredictor(model, context.device, embeddings, ObjectMemory(), self.predictor_settings)
+            predict = lambda slice_image, prompt, key: predictor.predict(slice_image, prompt, key, encoder)[0]
+            result[name] = validate_prompts(predict, slices, np.random.default_rng(0))
+        return result if slices else {}
+
+    def annotated_slice(self, plan: dict, value: int) -> tuple[torch.Tensor, np.ndarray]:
+        """(C, rows, cols) image slice in [0, 1] (normalised as the infer task does) and its (rows, cols) mask."""
+        image, _ = self._volumes.get_or_compute(plan["image"], lambda: load_image(plan["image"]))
+        label, _ = self._volumes.get_or_compute(plan["label"], lambda: load_image(plan["label"]))
+        _, intensity = image.intensity(self.modality, self.ct_window)
+        mask = extract_slice(label.array[:1], plan["axis"], plan["index"])[0].numpy().round() == value
+        return image.normalised_slice(plan["axis"], plan["index"], intensity), mask
+
+    def stats(self):
+        """train_stats for /info; a run that was stopped (or died) cannot say so itself: no process, no progress."""
+        from monailabel.utils.async_tasks.utils import processes
+
+        stats = super().stats()
+        if stats.get("status") in ("training", "validating") and not processes("train"):
+            stats = {**stats, "status": "stopped"}
+        return stats
+
+    def _write_stats(self, stats: dict) -> None:
+        os.makedirs(os.path.dirname(self._stats_path), exist_ok=True)
+        atomic_write(self._stats_path, lambda f: f.write(json.dumps(stats, indent=2).encode()))

@@ -1,0 +1,133 @@
+"""SAMassist through the server, as a data manager and a clinician use it: train from two labelled slices with
+`POST /train/litemedsam`, follow it in `GET /train/` and `/info`, then click on other slices; and the runs that go
+wrong (a bad request, a stopped run) leave serving as it was.
+
+Thresholds are below what was measured on this data (see comments and the README's SAMassist table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from helpers import Server, copy_sample_data, dice
+from lib.evaluation import Target
+
+MODEL = "litemedsam"
+IMAGE = "colin27_t1"
+PUTAMEN_L = 73  # AAL value
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    studies = copy_sample_data(str(root / "studies"))
+    srv = Server(studies, str(root / "server.log"), conf={"models_dir": str(root / "model")}).start()
+    yield srv
+    srv.stop()
+
+
+def info(server) -> dict:
+    return requests.get(f"{server.url}/info/", timeout=30).json()
+
+
+def wait_for_training(server, timeout: float = 900) -> tuple[dict, list[dict]]:
+    """The finished task, and the train_stats seen in /info while it ran."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        task = requests.get(f"{server.url}/train/", timeout=30).json()
+        seen.append(info(server)["train_stats"].get(MODEL, {}))
+        if task["status"] not in ("SUBMITTED", "RUNNING"):
+            return task, seen
+        time.sleep(1)
+    raise AssertionError(f"training did not finish in {timeout}s; server log:\n{server.tail()}")
+
+
+def start_training(server, params: dict) -> dict:
+    response = requests.post(f"{server.url}/train/{MODEL}", json=params, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def click(server, slice_index: int, point_rc, label: str | None) -> np.ndarray:
+    """One foreground click as Slicer sends it (IJK voxel), on an axial slice; the returned slice mask."""
+    row, col = point_rc
+    params = {"foreground": [[int(col), int(row), slice_index]], "background": [], "result_extension": ".nii.gz"}
+    if label:
+        params["label"] = label
+    response = requests.post(f"{server.url}/infer/{MODEL}", params={"image": IMAGE, "output": "image"},
+                             data={"params": json.dumps(params)}, timeout=300)
+    assert response.status_code == 200, response.text
+    path = os.path.join(server.studies, "..", f"click_{slice_index}.nii.gz")
+    with open(path, "wb") as f:
+        f.write(response.content)
+    return np.asarray(nib.load(path).dataobj)[:, :, slice_index].T > 0  # (i, j) -> (rows=j, cols=i)
+
+
+def putamen(server) -> np.ndarray:
+    path = os.path.join(server.studies, "labels", "final", f"{IMAGE}.nii.gz")
+    return np.asarray(nib.load(path).dataobj).round() == PUTAMEN_L
+
+
+def test_a_request_that_cannot_run_fails_clearly_and_serving_goes_on(server):
+    start_training(server, {"label": "Not_A_Region"})
+    task, _ = wait_for_training(server)
+    assert task["status"] == "ERROR"
+    assert any("give its voxel value as 'label_value'" in line for line in task["details"]), task["details"]
+    stats = info(server)["train_stats"][MODEL]
+    assert stats["status"] == "failed" and "Not_A_Region" in stats["error"]
+    mask = click(server, 74, Target("t", putamen(server)[:, :, 74].T).interior_point, None)
+    assert mask.any()
+
+
+def test_two_labelled_slices_teach_the_model_single_clicks(server):
+    task = start_training(server, {"label": "Putamen_L", "label_value": PUTAMEN_L, "slices": 2})
+    assert task["status"] in ("SUBMITTED", "RUNNING")
+    task, seen = wait_for_training(server)
+    assert task["status"] == "DONE", task["details"]
+    steps = [s["step"] for s in seen if s.get("status") == "training"]
+    assert steps and max(steps) <= 60, seen  # progress was visible step by step while it ran
+
+    learned = info(server)["models"][MODEL]["learned_prompts"]["Putamen_L"]
+    assert learned["num_slices"] == 2 and learned["label_value"] == PUTAMEN_L
+    assert learned["validation"]["held_out_slices"] >= 3
+    assert 0 <= learned["validation"]["learned"]["one_click_dice"] <= 1
+    assert info(server)["train_stats"][MODEL]["status"] == "done"
+
+    # One click at the centre of the putamen on labelled slices it did not learn from: with the label, the
+    # learned prompt encoder; without, the app's vanilla click (box search on the box-trained model).
+    volume = putamen(server)
+    trained = {s["index"] for s in learned["slices"]}
+    held_out = [k for k in range(volume.shape[2]) if volume[:, :, k].sum() >= 30 and k not in trained][::3]
+    vanilla, taught = [], []
+    for k in held_out:
+        mask = volume[:, :, k].T
+        point = Target("putamen", mask).interior_point
+        vanilla.append(dice(click(server, k, point, None), mask))
+        taught.append(dice(click(server, k, point, "Putamen_L"), mask))
+    print(f"one click on {len(held_out)} held-out slices: vanilla {np.mean(vanilla):.3f} -> learned {np.mean(taught):.3f}")
+    assert np.mean(taught) >= 0.50
+    assert np.mean(taught) >= np.mean(vanilla) + 0.05
+
+
+def test_a_stopped_run_keeps_what_was_learned(server):
+    before = info(server)["models"][MODEL]["learned_prompts"]
+    start_training(server, {"label": "Thalamus_L", "label_value": 77, "slices": 2, "iterations": 5000})
+    deadline = time.time() + 300
+    while info(server)["train_stats"].get(MODEL, {}).get("status") != "training":
+        assert time.time() < deadline, server.tail()
+        time.sleep(1)
+    stopped = requests.delete(f"{server.url}/train/", timeout=60).json()
+    assert stopped["status"] == "STOPPED"
+    assert info(server)["train_stats"][MODEL]["status"] == "stopped"
+    after = info(server)["models"][MODEL]["learned_prompts"]
+    assert "Thalamus_L" not in after and after["Putamen_L"] == before["Putamen_L"]
+    volume = putamen(server)
+    mask = click(server, 74, Target("t", volume[:, :, 74].T).interior_point, "Putamen_L")
+    assert dice(mask, volume[:, :, 74].T) > 0.3
