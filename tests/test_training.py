@@ -131,3 +131,39 @@ def test_a_stopped_run_keeps_what_was_learned(server):
     volume = putamen(server)
     mask = click(server, 74, Target("t", volume[:, :, 74].T).interior_point, "Putamen_L")
     assert dice(mask, volume[:, :, 74].T) > 0.3
+
+
+def test_samauto_segments_the_volume_with_no_prompts(server):
+    """The same training also learned SAMauto's SAP-Net: the auto task returns the whole structure, no clicks,
+    over a slab of 60 axial slices around it (more than twice its extent: slices without it must stay empty)."""
+    volume = putamen(server)
+    learned = info(server)["models"][MODEL]["learned_prompts"]["Putamen_L"]
+    assert learned["auto"]["axis"] == 2
+    extent = np.nonzero(volume.any((0, 1)))[0]
+    start, stop = max(0, int(extent.mean()) - 30), min(volume.shape[2], int(extent.mean()) + 30)
+    response = requests.post(f"{server.url}/infer/{MODEL}_auto", params={"image": IMAGE, "output": "image"},
+                             data={"params": json.dumps({"label": "Putamen_L", "label_value": 5,
+                                                         "slices": [start, stop], "result_extension": ".nii.gz"})},
+                             timeout=900)
+    assert response.status_code == 200, response.text
+    path = os.path.join(server.studies, "..", "auto.nii.gz")
+    with open(path, "wb") as f:
+        f.write(response.content)
+    result = np.asarray(nib.load(path).dataobj)
+    assert result.shape == volume.shape and set(np.unique(result)) <= {0, 5}
+    # Trivial baseline: each slice of the slab gets the nearest annotated slice's mask.
+    annotated = sorted(s["index"] for s in learned["slices"])
+    copied = np.zeros_like(volume)
+    for k in range(start, stop):
+        copied[:, :, k] = volume[:, :, min(annotated, key=lambda a: abs(a - k))]
+    auto_dice, copy_dice = dice(result > 0, volume), dice(copied, volume)
+    print(f"SAMauto putamen volume Dice {auto_dice:.3f}; nearest-annotated-slice copy {copy_dice:.3f}")
+    assert auto_dice >= copy_dice + 0.05
+
+
+def test_samauto_says_what_is_missing(server):
+    url = f"{server.url}/infer/{MODEL}_auto"
+    missing = requests.post(url, params={"image": IMAGE}, data={"params": json.dumps({})}, timeout=60)
+    assert missing.status_code == 400 and "label" in missing.text
+    unknown = requests.post(url, params={"image": IMAGE}, data={"params": json.dumps({"label": "Caudate_R"})}, timeout=60)
+    assert unknown.status_code == 404 and "train it first" in unknown.text

@@ -9,6 +9,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
+from ..infers.sam_auto import SamAutoInfer
 from ..infers.sam_interactive import SamInteractiveInfer
 from ..trainers.prompt_store import PromptEncoderStore
 from ..trainers.samassist_task import SAMassistTrainTask
@@ -31,7 +32,7 @@ class LiteMedSAMConfig(TaskConfig):
         task = SamInteractiveInfer.from_settings(
             self.build_model, "LiteMedSAM (MedSAM distilled to TinyViT): draw a box or click on a slice",
             self.settings, prompt_store=self.prompt_store)
-        return {self.name: task}
+        return {self.name: task, f"{self.name}_auto": SamAutoInfer(task, self.prompt_store)}
 
     def trainer(self) -> Optional[TrainTask]:
         return SAMassistTrainTask.from_settings(os.path.join(self.model_dir, "train", self.name), self.build_model,

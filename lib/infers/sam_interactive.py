@@ -150,7 +150,7 @@ class SamInteractiveInfer(InferTask):
         cache_key = ("model", image.fingerprint, range_key, prompt.axis, prompt.index)
         label_name = req.get("label") or None
         learned = self.learned_encoder(label_name, prompt, req.get("prompt_encoder") or "auto")
-        mask, info = self.predictor(_truthy(req.get("zoom", True))).predict(slice_image, prompt, cache_key, learned)
+        mask, info = self.predictor(truthy(req.get("zoom", True))).predict(slice_image, prompt, cache_key, learned)
 
         try:
             label_value = int(req.get("label_value", 1))
@@ -194,5 +194,5 @@ class SamInteractiveInfer(InferTask):
         return label
 
 
-def _truthy(value) -> bool:
+def truthy(value) -> bool:
     return str(value).strip().lower() not in ("0", "false", "no", "off", "")

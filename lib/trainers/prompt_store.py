@@ -1,8 +1,9 @@
 """Learned prompt encoders, one per (model, label), on disk: written atomically, read again when they change.
 
-Layout: <root>/<label>.pt (the prompt encoder's state dict) and <root>/<label>.json (what was learned: prompt
-type, slices, seconds, validation Dice...). The infer task asks for a label's encoder on every request; a new
-training result is therefore served at the next click, without a restart.
+Layout: <root>/<label>.pt (the prompt encoder's state dict), <root>/<label>.sapnet.pt (SAMauto's SAP-Net, when
+learned) and <root>/<label>.json (what was learned: prompt type, slices, seconds, validation Dice...), written
+last. The infer tasks ask for a label's weights on every request; a new training result is therefore served at
+the next click, without a restart.
 """
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ class PromptEncoderStore:
         self._loaded: dict[str, tuple[int, torch.nn.Module]] = {}
         self._lock = threading.Lock()
 
-    def paths(self, label: str) -> tuple[str, str]:
+    def paths(self, label: str, artifact: str = "prompt_encoder") -> tuple[str, str]:
         base = os.path.join(self.root, _safe(label))
-        return base + ".pt", base + ".json"
+        return base + (".pt" if artifact == "prompt_encoder" else f".{artifact}.pt"), base + ".json"
 
-    def save(self, label: str, state_dict: dict, info: dict) -> None:
+    def save(self, label: str, state_dict: dict, info: dict, extra: dict | None = None) -> None:
+        """The prompt encoder's weights, other artifacts' (name -> state dict, e.g. "sapnet"), then the info."""
         os.makedirs(self.root, exist_ok=True)
-        weights, meta = self.paths(label)
-        atomic_write(weights, lambda f: torch.save(state_dict, f))
-        atomic_write(meta, lambda f: f.write(json.dumps({"label": label, **info}, indent=2).encode()))
+        for artifact, state in {"prompt_encoder": state_dict, **(extra or {})}.items():
+            atomic_write(self.paths(label, artifact)[0], lambda f: torch.save(state, f))
+        atomic_write(self.paths(label)[1], lambda f: f.write(json.dumps({"label": label, **info}, indent=2).encode()))
 
     def info(self) -> dict:
         """label -> what was learned, for every stored prompt encoder."""
@@ -65,20 +67,26 @@ class PromptEncoderStore:
 
     def encoder_for(self, label: str | None, template: torch.nn.Module):
         """The learned prompt encoder for a label (a copy of `template` with the stored weights), or None."""
+        def build(state):
+            encoder = copy.deepcopy(template)
+            encoder.load_state_dict(state, strict=True)
+            return encoder.eval().requires_grad_(False)
+
+        return self.load(label, "prompt_encoder", build, next(template.parameters()).device)
+
+    def load(self, label: str | None, artifact: str, build, device):
+        """build(state_dict) for a label's stored artifact, rebuilt only when its file changed; None if absent."""
         if not label:
             return None
-        weights, _ = self.paths(label)
+        weights, _ = self.paths(label, artifact)
         try:
             stamp = os.stat(weights).st_mtime_ns
         except FileNotFoundError:
             return None
         with self._lock:
-            cached = self._loaded.get(label)
+            cached = self._loaded.get((label, artifact))
             if cached and cached[0] == stamp:
                 return cached[1]
-            encoder = copy.deepcopy(template)
-            state = torch.load(weights, map_location=next(template.parameters()).device, weights_only=True)
-            encoder.load_state_dict(state, strict=True)
-            encoder.eval().requires_grad_(False)
-            self._loaded[label] = (stamp, encoder)
-            return encoder
+            value = build(torch.load(weights, map_location=device, weights_only=True))
+            self._loaded[(label, artifact)] = (stamp, value)
+            return value

@@ -32,9 +32,11 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from ..evaluation import validate_prompts
 from ..infers.cache import LRUCache
 from ..infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor
+from ..infers.sam_interactive import pick_device, truthy
 from ..transforms.geometry import extract_slice
 from ..volumes import load_image
 from .prompt_store import PromptEncoderStore, atomic_write
+from .sapnet import SAPNetLearner
 from .samassist import PromptEncoderLearner, PromptLearningSettings, segmentation_loss, select_training_slices, state_dict_of
 
 logger = logging.getLogger(__name__)
@@ -111,7 +113,8 @@ class SAMassistTrainTask(BasicTrainTask):
         defaults = PromptLearningSettings()
         config = {"label": "", "label_value": "", "slices": 2, "axis": 2, "prompt": defaults.prompt,
                   "scheme": defaults.scheme, "iterations": defaults.iterations,
-                  "learning_rate": defaults.learning_rate, "validation_slices": 6, "seed": defaults.seed}
+                  "learning_rate": defaults.learning_rate, "validation_slices": 6, "seed": defaults.seed,
+                  "auto": True}
         super().__init__(model_dir, description, config=config, amp=False,
                          stats_path=os.path.join(model_dir, "train_stats.json"))
         for unused in ("max_epochs", "val_split", "early_stop_patience"):  # one epoch is one step; validation is ours
@@ -180,8 +183,6 @@ class SAMassistTrainTask(BasicTrainTask):
         return None  # every run starts from the pretrained prompt encoder, never from another label's
 
     def _device(self, context: Context) -> torch.device:
-        from ..infers.sam_interactive import pick_device
-
         return pick_device(self.requested_device)
 
     def network(self, context: Context):
@@ -255,6 +256,12 @@ class SAMassistTrainTask(BasicTrainTask):
         learned = copy.deepcopy(learner.model.prompt_encoder)
         learned.load_state_dict(learned_state)
         validation = self.validate(context, learned.eval())
+        extra, auto = {}, None
+        if truthy(context.request.get("auto")) and context.train_datalist[0]["axis"] is not None:
+            sapnet = self.learn_sapnet(context)
+            extra["sapnet"] = sapnet.state_dict
+            auto = {"axis": context.train_datalist[0]["axis"], **sapnet.info()}
+            auto.pop("losses")
         info = {
             "model": request.get("model"), "label_value": request["label_value"],
             "prompt": learner.settings.prompt, "scheme": learner.settings.scheme,
@@ -262,12 +269,23 @@ class SAMassistTrainTask(BasicTrainTask):
                        for p in context.train_datalist],
             "num_slices": len(context.train_datalist), "iterations": learner.settings.iterations,
             "final_loss": round(context.losses[-1], 5), "train_seconds": round(train_seconds, 1),
-            "validation": validation, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "validation": validation, "auto": auto, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        self.prompt_store.save(request["label"], learned_state, info)
+        self.prompt_store.save(request["label"], learned_state, info, extra)
         self._write_stats({"status": "done", "label": request["label"], "total_steps": engine.state.max_epochs,
                            "elapsed_s": round(time.time() - context.start_ts, 1), **info})
         logger.info(f"SAMassist {request['label']!r} published: validation {json.dumps(validation)}")
+
+    def learn_sapnet(self, context: Context):
+        """SAMauto's SAP-Net, from the same annotated slices and their already computed embeddings."""
+        learner = SAPNetLearner(context.learner.model, context.device)
+        for item, plan in zip(context.learner.slices, context.train_datalist):
+            learner.add_slice(None, item.mask, index=plan["index"], embedding=item.embedding)
+        self._write_stats({"status": "learning SAMauto", "label": context.request["label"],
+                           "elapsed_s": round(time.time() - context.start_ts, 1)})
+        learned = learner.train()
+        logger.info(f"SAMauto {context.request['label']!r}: SAP-Net learned in {learned.seconds:.1f}s")
+        return learned
 
     def validate(self, context: Context, learned: torch.nn.Module) -> dict:
         """Dice on the held-out labelled slices, learned vs vanilla prompt encoder ({} when all were trained on)."""
@@ -298,7 +316,7 @@ class SAMassistTrainTask(BasicTrainTask):
         from monailabel.utils.async_tasks.utils import processes
 
         stats = super().stats()
-        if stats.get("status") in ("training", "validating") and not processes("train"):
+        if stats.get("status") in ("training", "validating", "learning SAMauto") and not processes("train"):
             stats = {**stats, "status": "stopped"}
         return stats
 
