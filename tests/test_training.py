@@ -18,6 +18,7 @@ import requests
 
 from helpers import Server, copy_sample_data, dice
 from lib.evaluation import Target
+from lib.trainers.samassist import select_training_slices
 
 MODEL = "litemedsam"
 IMAGE = "colin27_t1"
@@ -55,13 +56,13 @@ def start_training(server, params: dict) -> dict:
     return response.json()
 
 
-def click(server, slice_index: int, point_rc, label: str | None) -> np.ndarray:
+def click(server, slice_index: int, point_rc, label: str | None, image: str = IMAGE) -> np.ndarray:
     """One foreground click as Slicer sends it (IJK voxel), on an axial slice; the returned slice mask."""
     row, col = point_rc
     params = {"foreground": [[int(col), int(row), slice_index]], "background": [], "result_extension": ".nii.gz"}
     if label:
         params["label"] = label
-    response = requests.post(f"{server.url}/infer/{MODEL}", params={"image": IMAGE, "output": "image"},
+    response = requests.post(f"{server.url}/infer/{MODEL}", params={"image": image, "output": "image"},
                              data={"params": json.dumps(params)}, timeout=300)
     assert response.status_code == 200, response.text
     path = os.path.join(server.studies, "..", f"click_{slice_index}.nii.gz")
@@ -167,3 +168,39 @@ def test_samauto_says_what_is_missing(server):
     assert missing.status_code == 400 and "label" in missing.text
     unknown = requests.post(url, params={"image": IMAGE}, data={"params": json.dumps({"label": "Caudate_R"})}, timeout=60)
     assert unknown.status_code == 404 and "train it first" in unknown.text
+
+
+def test_two_slices_labelled_in_a_client_are_enough(server, tmp_path):
+    """The whole flow on a new study: two slices labelled and saved as Slicer/OHIF save them (PUT, with the
+    segment's name in label_info), training by that name alone, then clicks on the slices nobody labelled."""
+    source = os.path.join(server.studies, f"{IMAGE}.nii.gz")
+    with open(source, "rb") as f:
+        response = requests.put(f"{server.url}/datastore/image", params={"image": "new_study"},
+                                files={"file": ("new_study.nii.gz", f)}, timeout=60)
+    assert response.status_code == 200, response.text
+    truth = putamen(server)
+    labelled = select_training_slices(truth, 2, 2, np.random.default_rng(7))  # where a person would draw
+    partial = np.zeros(truth.shape, np.uint8)
+    for k in labelled:
+        partial[:, :, k] = truth[:, :, k] * 200
+    path = str(tmp_path / "two_slices.nii.gz")
+    nib.save(nib.Nifti1Image(partial, nib.load(source).affine), path)
+    with open(path, "rb") as f:
+        response = requests.put(f"{server.url}/datastore/label", params={"image": "new_study", "tag": "final"},
+                                data={"params": json.dumps({"label_info": [{"name": "Lentiform_L", "idx": 200}]})},
+                                files={"label": ("new_study.nii.gz", f)}, timeout=60)
+    assert response.status_code == 200, response.text
+
+    start_training(server, {"label": "Lentiform_L", "slices": 2, "auto": False})
+    task, _ = wait_for_training(server)
+    assert task["status"] == "DONE", task["details"]
+    learned = info(server)["models"][MODEL]["learned_prompts"]["Lentiform_L"]
+    assert learned["label_value"] == 200 and sorted(s["index"] for s in learned["slices"]) == sorted(labelled)
+    assert learned["validation"]["held_out_slices"] == 0 and "label more slices" in learned["validation"]["note"]
+    assert learned["auto"] is None
+
+    held_out = [k for k in range(truth.shape[2]) if truth[:, :, k].sum() >= 30 and k not in labelled][::4]
+    scores = [dice(click(server, k, Target("t", truth[:, :, k].T).interior_point, "Lentiform_L", "new_study"),
+                   truth[:, :, k].T) for k in held_out]
+    print(f"one click after learning from 2 client-labelled slices {labelled}: {np.mean(scores):.3f} on {len(held_out)} slices")
+    assert np.mean(scores) >= 0.45

@@ -288,8 +288,11 @@ class SAMassistTrainTask(BasicTrainTask):
         return learned
 
     def validate(self, context: Context, learned: torch.nn.Module) -> dict:
-        """Dice on the held-out labelled slices, learned vs vanilla prompt encoder ({} when all were trained on)."""
+        """Dice on the held-out labelled slices, learned vs vanilla prompt encoder."""
         held_out = [p for p in context.datalist if p["role"] == "validation"]
+        if not held_out:
+            return {"held_out_slices": 0,
+                    "note": "every labelled slice was used for training: label more slices to get a validation Dice"}
         model, value = context.learner.model, context.request["label_value"]
         slices = []
         for plan in held_out:
@@ -301,7 +304,7 @@ class SAMassistTrainTask(BasicTrainTask):
             predictor = PromptPredictor(model, context.device, embeddings, ObjectMemory(), self.predictor_settings)
             predict = lambda slice_image, prompt, key: predictor.predict(slice_image, prompt, key, encoder)[0]
             result[name] = validate_prompts(predict, slices, np.random.default_rng(0))
-        return result if slices else {}
+        return result
 
     def annotated_slice(self, plan: dict, value: int) -> tuple[torch.Tensor, np.ndarray]:
         """(C, rows, cols) image slice in [0, 1] (normalised as the infer task does) and its (rows, cols) mask."""
