@@ -147,3 +147,24 @@ def test_active_validation_reports_box_then_clicks(thalamus_case):
     scores = active_validation(lambda prompt: predictor.predict(image, prompt, ("v", k))[0], target, 2, k,
                                np.random.default_rng(0), max_clicks=3)
     assert len(scores) == 4 and all(0 <= s <= 1 for s in scores) and scores[0] > 0.5
+
+
+def test_training_plan_keeps_to_the_kind_of_image_that_holds_the_label_first(tmp_path):
+    """Label values mean one structure within a kind of study: value 5 in a 2D instance mask (a nucleus) is not
+    the volume's structure 5, and must not become a training or validation slice for it."""
+    import nibabel as nib
+    from PIL import Image
+
+    from lib.trainers.samassist_task import plan_slices
+
+    volume = np.zeros((40, 40, 30), np.uint8)
+    volume[10:30, 10:30, 8:22] = 5
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "volume.nii.gz"))
+    photo = np.zeros((64, 64), np.uint8)
+    photo[20:40, 20:40] = 5
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    cases = [(str(tmp_path / "volume.nii.gz"), str(tmp_path / "volume.nii.gz")),
+             (str(tmp_path / "photo.png"), str(tmp_path / "photo.png"))]
+    plan = plan_slices(cases, 5, 2, 2, 6, np.random.default_rng(0))
+    assert sum(p.role == "train" for p in plan) == 2 and sum(p.role == "validation" for p in plan) == 6
+    assert all(p.axis == 2 and p.image.endswith("volume.nii.gz") for p in plan)

@@ -68,16 +68,26 @@ def _int(request: dict, key: str, low: int, high: int) -> int:
     return value
 
 
-def label_value_for(name: str, request: dict, datastore, image_ids: list[str]) -> int:
-    """The voxel value of a named label: the request's `label_value`, else the value a client saved under that
-    name with a final label (Slicer's label_info)."""
+def named_value(datastore, image_id: str, name: str) -> int | None:
+    """The value a client saved under `name` with an image's final label (Slicer's label_info), if any."""
+    for entry in datastore.get_label_info(image_id, "final").get("label_info", []) or []:
+        if isinstance(entry, dict) and str(entry.get("name", "")).lower() == name.lower() and "idx" in entry:
+            return int(entry["idx"])
+    return None
+
+
+def label_value_for(name: str, request: dict, datastore, image_ids: list[str]) -> tuple[int, list[str]]:
+    """The voxel value of a named label and the images to learn it from: the request's `label_value` (all
+    labelled images, or the request's `images`), else the value a client saved under that name (the images whose
+    labels name it: a value means one structure only where the labels say so)."""
     if request.get("label_value") not in (None, ""):
-        return _int(request, "label_value", 1, 65535)
-    for image_id in image_ids:
-        for entry in datastore.get_label_info(image_id, "final").get("label_info", []) or []:
-            if isinstance(entry, dict) and str(entry.get("name", "")).lower() == name.lower() and "idx" in entry:
-                return int(entry["idx"])
-    raise TrainingRequestError(f"no saved label names {name!r}: give its voxel value as 'label_value'")
+        return _int(request, "label_value", 1, 65535), image_ids
+    named = {i: named_value(datastore, i, name) for i in image_ids}
+    named = {i: v for i, v in named.items() if v is not None}
+    if not named:
+        raise TrainingRequestError(f"no saved label names {name!r}: give its voxel value as 'label_value'")
+    value = next(iter(named.values()))
+    return value, [i for i, v in named.items() if v == value]
 
 
 def plan_slices(cases: list[tuple[str, str]], value: int, axis: int, count: int, validation: int,
@@ -85,12 +95,14 @@ def plan_slices(cases: list[tuple[str, str]], value: int, axis: int, count: int,
     """Training and validation slices over (image, label) pairs: `count` training slices in all, from the first
     labelled volumes; up to `validation` other labelled slices, evenly spread, to validate on."""
     planned: list[AnnotatedSlice] = []
+    kind = None  # 2D or 3D, from the first image holding the label: the other kind holds other things
     for image_path, label_path in cases:
         needed = count - sum(p.role == "train" for p in planned)
         label = load_image(label_path)
         volume = label.array[0].numpy().round() == value
-        if not volume.any():
+        if not volume.any() or kind not in (None, label.is_2d):
             continue
+        kind = label.is_2d
         if label.is_2d:
             planned.append(AnnotatedSlice(image_path, label_path, None, None, "train" if needed else "validation"))
             continue
@@ -114,7 +126,7 @@ class SAMassistTrainTask(BasicTrainTask):
         config = {"label": "", "label_value": "", "slices": 2, "axis": 2, "prompt": defaults.prompt,
                   "scheme": defaults.scheme, "iterations": defaults.iterations,
                   "learning_rate": defaults.learning_rate, "validation_slices": 6, "seed": defaults.seed,
-                  "auto": True}
+                  "auto": True, "images": []}
         super().__init__(model_dir, description, config=config, amp=False,
                          stats_path=os.path.join(model_dir, "train_stats.json"))
         for unused in ("max_epochs", "val_split", "early_stop_patience"):  # one epoch is one step; validation is ours
@@ -152,9 +164,15 @@ class SAMassistTrainTask(BasicTrainTask):
         axis = _int(request, "axis", 0, 2)
         count = _int(request, "slices", 1, MAX_SLICES)
         image_ids = datastore.get_labeled_images("final")
+        if request.get("images"):
+            wanted = request["images"] if isinstance(request["images"], list) else [request["images"]]
+            unknown = sorted(set(map(str, wanted)) - set(image_ids))
+            if unknown:
+                raise TrainingRequestError(f"'images' {unknown} are not in the datastore or have no final label")
+            image_ids = [i for i in image_ids if i in set(map(str, wanted))]
         if not image_ids:
             raise TrainingRequestError("no image in the datastore has a final label yet: save labels first")
-        value = label_value_for(name, request, datastore, image_ids)
+        value, image_ids = label_value_for(name, request, datastore, image_ids)
         cases = [(datastore.get_image_uri(i), datastore.get_label_uri(i, "final")) for i in image_ids]
         plan = plan_slices(cases, value, axis, count, _int(request, "validation_slices", 0, 100),
                            np.random.default_rng(settings.seed))
