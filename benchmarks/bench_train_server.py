@@ -1,7 +1,7 @@
 """The data manager's wait: `POST /train/litemedsam` to a served learned label, through a real server on a copy of
 the sample data, for 2 and 5 labelled slices (Colin27 left putamen), with and without SAMauto's SAP-Net.
 
-    .venv/bin/python benchmarks/bench_train_server.py
+    .venv/bin/python benchmarks/bench_train_server.py [SLICE_COUNT ...]   (default: 2 5)
 
 Wall time from the POST to the task's DONE (MONAI Label starts a training subprocess that rebuilds the app, loads
 the model, encodes the slices, trains, validates on 6 held-out slices, learns SAP-Net, publishes), and how much
@@ -40,13 +40,14 @@ def train(server: Server, params: dict) -> tuple[float, dict]:
 
 
 def main() -> None:
+    slice_counts = [int(v) for v in sys.argv[1:]] or [2, 5]
     with tempfile.TemporaryDirectory() as root:
         studies = copy_sample_data(os.path.join(root, "studies"))
         server = Server(studies, os.path.join(root, "server.log"), conf={"models_dir": os.path.join(root, "model")}).start()
         try:
             print("| labelled slices | SAMauto too | POST → DONE, s | of which encode + train, s | held-out one click, vanilla → learned |")
             print("|---|---|---:|---:|---|")
-            for slices in (2, 5):
+            for slices in slice_counts:
                 for auto in (False, True):
                     wall, learned = train(server, {"label": f"Putamen_L_{slices}_{auto}", "label_value": 73,
                                                    "slices": slices, "auto": auto})
