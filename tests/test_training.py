@@ -157,9 +157,12 @@ def test_samauto_segments_the_volume_with_no_prompts(server):
     copied = np.zeros_like(volume)
     for k in range(start, stop):
         copied[:, :, k] = volume[:, :, min(annotated, key=lambda a: abs(a - k))]
+    for index in annotated:  # the training slices come back exactly as they were labelled
+        assert np.array_equal(result[:, :, index] > 0, volume[:, :, index]), index
     auto_dice, copy_dice = dice(result > 0, volume), dice(copied, volume)
     print(f"SAMauto putamen volume Dice {auto_dice:.3f}; nearest-annotated-slice copy {copy_dice:.3f}")
-    assert auto_dice >= copy_dice + 0.05
+    # Measured 0.790 (0.629 before the training slices anchored the choice of components) against 0.457.
+    assert auto_dice >= max(copy_dice + 0.05, 0.70)
 
 
 def test_samauto_says_what_is_missing(server):

@@ -12,6 +12,7 @@ it over the datastore with /batch/infer, which works in the background.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Dict, Tuple, Union
 
@@ -99,18 +100,34 @@ class SamAutoInfer(InferTask):
         learned_encoder = self.prompt_store.encoder_for(label, model.prompt_encoder)
         # Points go to the label's learned prompt encoder (vanilla LiteMedSAM ignores them); a box to the vanilla one.
         encoder = learned_encoder if "points" in settings.refine else None
+        annotated = self.annotated(label, path, shape, (start, stop))
         result = auto_segment(model, sapnet, embed, num_slices, shape, prompt_encoder=encoder, settings=settings,
-                              slice_range=(start, stop), progress=progress)
+                              slice_range=(start, stop), annotated=annotated, progress=progress)
         volume = stack_to_volume(result.labels, axis).astype(np.uint8) * label_value
         path_out = write_label(volume, image, req.get("result_extension"), req.get("result_dtype"))
         info = {
             "label_names": {label: label_value}, "axis": axis, "slices": [start, stop],
             "segmented_slices": int((result.labels.reshape(num_slices, -1).any(1)).sum()),
+            "annotated_slices_kept": sorted(annotated),
             "voxels": int((volume > 0).sum()), "seconds": result.seconds,
             "latencies": {"total_ms": round((time.perf_counter() - begin) * 1000, 1)},
         }
         logger.info(f"SAMauto {label!r} on {path}: {info}")
         return path_out, info
+
+    def annotated(self, label: str, path: str, shape: tuple[int, int],
+                  slice_range: tuple[int, int]) -> dict[int, np.ndarray]:
+        """The label's training masks on this image (matched by file name, in the slab): SAMauto returns them
+        unchanged and keeps the 3D components that hold them. Empty for any other image."""
+        stored = self.prompt_store.load(label, "annotated", lambda state: state, "cpu") or {}
+        masks = {}
+        for index, mask in stored.get(os.path.basename(path), {}).items():
+            index = int(index)
+            if slice_range[0] <= index < slice_range[1] and tuple(mask.shape) == shape:
+                masks[index] = mask.numpy().astype(bool)
+        if stored and not masks:
+            logger.info(f"SAMauto {label!r}: no training slice on {os.path.basename(path)}; components by size")
+        return masks
 
     @staticmethod
     def slice_range(value, num_slices: int) -> tuple[int, int]:

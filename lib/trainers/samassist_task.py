@@ -45,6 +45,16 @@ MIN_VALIDATION_AREA = 30  # pixels: smaller cross-sections are slivers a person 
 MAX_SLICES = 20  # the method is for a few slices; more only slows the run down
 
 
+def annotated_masks(plans: list[dict], slices: list) -> dict:
+    """The training slices' masks, by image file name then slice index: SAMauto keeps them as they are and anchors
+    its choice of 3D components on them when it segments the image they came from."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for plan, item in zip(plans, slices):
+        out.setdefault(os.path.basename(plan["image"]), {})[str(plan["index"])] = \
+            torch.as_tensor(np.asarray(item.mask, dtype=np.uint8))
+    return out
+
+
 class TrainingRequestError(ValueError):
     """A training request that cannot run as asked; the message says what to change."""
 
@@ -278,6 +288,7 @@ class SAMassistTrainTask(BasicTrainTask):
         if truthy(context.request.get("auto")) and context.train_datalist[0]["axis"] is not None:
             sapnet = self.learn_sapnet(context)
             extra["sapnet"] = sapnet.state_dict
+            extra["annotated"] = annotated_masks(context.train_datalist, context.learner.slices)
             auto = {"axis": context.train_datalist[0]["axis"], **sapnet.info()}
             auto.pop("losses")
         info = {
