@@ -134,6 +134,15 @@ class WindowAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
+    def attend_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The same attention over any (B', N, C) token sequence, without the window's positional bias
+        (MSA's depth branch: the tokens are one position on successive slices)."""
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, n, self.num_heads, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
 
 class TinyViTMlp(nn.Module):
     """Pre-norm feed-forward: LayerNorm, Linear, GELU, Linear."""

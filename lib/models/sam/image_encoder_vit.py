@@ -77,6 +77,15 @@ class RelPosAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.position_bias(q, h, w))
         return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
 
+    def attend_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The same attention over any (B', N, C) token sequence, without the relative position bias
+        (MSA's depth branch: the tokens are one position on successive slices)."""
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
 
 class ViTBlock(nn.Module):
     """Pre-norm transformer block; windowed attention when window_size > 0, else global."""
