@@ -13,6 +13,7 @@ from monailabel.interfaces.config import TaskConfig  # noqa: E402
 
 from lib.configs.litemedsam import LiteMedSAMConfig  # noqa: E402
 from lib.configs.meta_sam import MetaSAMConfig  # noqa: E402
+from lib.configs.msa import MSAConfig  # noqa: E402
 from lib.configs.settings import load_settings, resolve_path  # noqa: E402
 from lib.errors import not_found  # noqa: E402
 
@@ -23,11 +24,15 @@ class PromptableSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         settings = load_settings(conf)
         model_dir = resolve_path(settings["models_dir"], app_dir)
-        self.task_configs: dict[str, TaskConfig] = {"litemedsam": LiteMedSAMConfig()}
+        bases: dict[str, TaskConfig] = {"litemedsam": LiteMedSAMConfig()}
         if settings.get("sam_checkpoint"):
-            self.task_configs[f"sam_{settings['sam_variant']}"] = MetaSAMConfig()
-        for name, config in self.task_configs.items():
+            bases[f"sam_{settings['sam_variant']}"] = MetaSAMConfig()
+        self.task_configs: dict[str, TaskConfig] = {}
+        for name, config in bases.items():
             config.init(name, model_dir, conf, None)
+            adapters = MSAConfig()  # MSA adapters on this model's frozen backbone
+            adapters.init(f"{name}_msa", model_dir, conf, None, base=config)
+            self.task_configs.update({name: config, f"{name}_msa": adapters})
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Promptable medical SAM",
                          description="Click, box or prompt medical images with SAM-family foundation models",
                          version="0.1.0")

@@ -10,7 +10,7 @@ import torch
 
 from helpers import REPO, read_label
 from lib.infers.sam_interactive import SamInteractiveInfer
-from lib.trainers.prompt_store import PromptEncoderStore
+from lib.trainers.label_store import LabelStore
 from lib.evaluation import Target, dice
 from lib.models.sam import build_litemedsam
 from lib.trainers.samassist import (PromptEncoderLearner, PromptLearningSettings, jitter_box, sample_points,
@@ -100,7 +100,7 @@ def test_learning_from_two_slices_makes_a_single_click_work_on_other_slices(thal
 
 def test_the_infer_task_serves_a_stored_prompt_encoder_for_its_label(thalamus_case, tmp_path):
     c = thalamus_case
-    store = PromptEncoderStore(str(tmp_path / "prompts"))
+    store = LabelStore(str(tmp_path / "prompts"))
     task = SamInteractiveInfer(lambda device: c["model"], device="cpu", prompt_store=store)
     k = c["held_out"][len(c["held_out"]) // 2]
     mask = c["mask_of"](k)

@@ -11,7 +11,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..infers.sam_auto import SamAutoInfer
 from ..infers.sam_interactive import SamInteractiveInfer
-from ..trainers.prompt_store import PromptEncoderStore
+from ..trainers.label_store import LabelStore
 from ..trainers.samassist_task import SAMassistTrainTask
 from .settings import load_settings
 
@@ -21,17 +21,23 @@ class LiteMedSAMConfig(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.settings = load_settings(conf)
 
-        self.prompt_store = PromptEncoderStore(os.path.join(self.model_dir, "prompts", self.name))
+        self.prompt_store = LabelStore(os.path.join(self.model_dir, "prompts", self.name))
 
     def build_model(self, device):
         from ..models.sam import build_litemedsam  # imported here: app start stays cheap
 
         return build_litemedsam(checkpoint=self.settings.get("litemedsam_checkpoint") or None, device=device)
 
+    def interactive_task(self) -> SamInteractiveInfer:
+        """The interactive task, made once: the SAMauto and MSA tasks share its model and caches."""
+        if getattr(self, "_interactive", None) is None:
+            self._interactive = SamInteractiveInfer.from_settings(
+                self.build_model, "LiteMedSAM (MedSAM distilled to TinyViT): draw a box or click on a slice",
+                self.settings, prompt_store=self.prompt_store)
+        return self._interactive
+
     def infer(self) -> Dict[str, InferTask]:
-        task = SamInteractiveInfer.from_settings(
-            self.build_model, "LiteMedSAM (MedSAM distilled to TinyViT): draw a box or click on a slice",
-            self.settings, prompt_store=self.prompt_store)
+        task = self.interactive_task()
         return {self.name: task, f"{self.name}_auto": SamAutoInfer(task, self.prompt_store)}
 
     def trainer(self) -> Optional[TrainTask]:

@@ -123,14 +123,15 @@ class PromptPredictor:
 
     # -- prompts -> mask -------------------------------------------------------------------------------------
     def predict(self, slice_image: torch.Tensor, prompt: SlicePrompt, cache_key: tuple,
-                prompt_encoder=None) -> tuple[np.ndarray, dict]:
+                prompt_encoder=None, direct: bool = False) -> tuple[np.ndarray, dict]:
         """Mask (H, W) bool for the prompt on a (C, H, W) slice in [0, 1], plus what was done and how long.
         prompt_encoder: a learned one (SAMassist) that understands this label's clicks: they then go to the
-        model as points, with no box search."""
+        model as points, with no box search. direct: the same for a model that understands clicks itself (one
+        trained with them, e.g. with MSA adapters)."""
         shape = tuple(slice_image.shape[-2:])
         info = {"encoder_runs": 0}
         t0 = time.perf_counter()
-        if prompt_encoder is not None:
+        if prompt_encoder is not None or direct:
             box, logits, iou, window = self._predict_learned(slice_image, prompt, cache_key, info, prompt_encoder)
         elif prompt.box is not None:
             box, logits, iou, window = self._predict_box(slice_image, prompt.box, cache_key, info)
@@ -156,7 +157,7 @@ class PromptPredictor:
         return Window.whole(shape)
 
     def _predict_learned(self, slice_image, prompt: SlicePrompt, cache_key: tuple, info: dict, prompt_encoder):
-        """Points (and a box, if any) straight to the model through a learned prompt encoder."""
+        """Points (and a box, if any) straight to the model, through a learned prompt encoder if given."""
         shape = tuple(slice_image.shape[-2:])
         window = self._window_for(prompt.box, shape) if prompt.box is not None else Window.whole(shape)
         embedding, frame = self._embed_counted(slice_image, window, cache_key, info)

@@ -21,7 +21,7 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..errors import bad_request, not_found
-from ..trainers.prompt_store import PromptEncoderStore
+from ..trainers.label_store import LabelStore
 from ..trainers.sapnet import load_sapnet
 from ..transforms.geometry import Window, in_plane_axes
 from ..volumes import write_label
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 class SamAutoInfer(InferTask):
-    def __init__(self, interactive: SamInteractiveInfer, prompt_store: PromptEncoderStore,
+    def __init__(self, interactive: SamInteractiveInfer, prompt_store: LabelStore,
                  settings: AutoSegmentSettings | None = None,
                  description: str = "SAMauto: the whole volume of a label learned with SAMassist, no clicks"):
         self.auto_settings = settings or AutoSegmentSettings()

@@ -21,7 +21,7 @@ from ..errors import RequestError, bad_request, not_found
 from ..transforms.geometry import in_plane_axes
 from ..volumes import LoadedImage, load_image, fingerprint, write_label
 from .cache import LRUCache
-from ..trainers.prompt_store import PromptEncoderStore
+from ..trainers.label_store import LabelStore
 from .predictor import ObjectMemory, PredictorSettings, PromptPredictor
 from .prompts import parse_prompt
 
@@ -44,7 +44,7 @@ class SamInteractiveInfer(InferTask):
                  description: str = "Promptable medical SAM: clicks or a box on a slice",
                  device: str | None = None, image_cache_size: int = 4, embedding_cache_size: int = 64,
                  settings: PredictorSettings | None = None, default_modality: str | None = None,
-                 default_ct_window=None, prompt_store: PromptEncoderStore | None = None):
+                 default_ct_window=None, prompt_store: LabelStore | None = None):
         settings = settings or PredictorSettings()
         super().__init__(
             type=InferType.DEEPGROW,  # Slicer and OHIF show a click/box tool for deepgrow-type models
@@ -66,7 +66,7 @@ class SamInteractiveInfer(InferTask):
 
     @classmethod
     def from_settings(cls, model_factory, description: str, settings: dict,
-                      prompt_store: PromptEncoderStore | None = None) -> "SamInteractiveInfer":
+                      prompt_store: LabelStore | None = None) -> "SamInteractiveInfer":
         """A task configured by the app's settings (configs/app.yaml + --conf)."""
         return cls(model_factory, description=description, device=settings["device"], prompt_store=prompt_store,
                    image_cache_size=settings["image_cache_size"], embedding_cache_size=settings["embedding_cache_size"],

@@ -21,27 +21,27 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
-from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+from monailabel.tasks.train.basic_train import Context
 
 from ..evaluation import validate_prompts
 from ..infers.cache import LRUCache
 from ..infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor
-from ..infers.sam_interactive import pick_device, truthy
-from ..transforms.geometry import extract_slice
+from ..infers.sam_interactive import truthy
 from ..volumes import load_image
-from .prompt_store import PromptEncoderStore, atomic_write
+from .label_store import LabelStore
+from .label_task import (MIN_VALIDATION_AREA, AnnotatedSlice, LabelTrainTask, TrainingRequestError, int_field,
+                         labelled_cases)
 from .sapnet import SAPNetLearner
 from .samassist import PromptEncoderLearner, PromptLearningSettings, segmentation_loss, select_training_slices, state_dict_of
 
 logger = logging.getLogger(__name__)
 
-MIN_VALIDATION_AREA = 30  # pixels: smaller cross-sections are slivers a person would not click on
 MAX_SLICES = 20  # the method is for a few slices; more only slows the run down
 
 
@@ -53,51 +53,6 @@ def annotated_masks(plans: list[dict], slices: list) -> dict:
         out.setdefault(os.path.basename(plan["image"]), {})[str(plan["index"])] = \
             torch.as_tensor(np.asarray(item.mask, dtype=np.uint8))
     return out
-
-
-class TrainingRequestError(ValueError):
-    """A training request that cannot run as asked; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class AnnotatedSlice:
-    image: str
-    label: str
-    axis: int | None  # None: a 2D image
-    index: int | None
-    role: str  # "train" or "validation"
-
-
-def _int(request: dict, key: str, low: int, high: int) -> int:
-    try:
-        value = int(request[key])
-    except (TypeError, ValueError) as e:
-        raise TrainingRequestError(f"'{key}' must be an integer, got {request[key]!r}") from e
-    if not low <= value <= high:
-        raise TrainingRequestError(f"'{key}' must be between {low} and {high}, got {value}")
-    return value
-
-
-def named_value(datastore, image_id: str, name: str) -> int | None:
-    """The value a client saved under `name` with an image's final label (Slicer's label_info), if any."""
-    for entry in datastore.get_label_info(image_id, "final").get("label_info", []) or []:
-        if isinstance(entry, dict) and str(entry.get("name", "")).lower() == name.lower() and "idx" in entry:
-            return int(entry["idx"])
-    return None
-
-
-def label_value_for(name: str, request: dict, datastore, image_ids: list[str]) -> tuple[int, list[str]]:
-    """The voxel value of a named label and the images to learn it from: the request's `label_value` (all
-    labelled images, or the request's `images`), else the value a client saved under that name (the images whose
-    labels name it: a value means one structure only where the labels say so)."""
-    if request.get("label_value") not in (None, ""):
-        return _int(request, "label_value", 1, 65535), image_ids
-    named = {i: named_value(datastore, i, name) for i in image_ids}
-    named = {i: v for i, v in named.items() if v is not None}
-    if not named:
-        raise TrainingRequestError(f"no saved label names {name!r}: give its voxel value as 'label_value'")
-    value = next(iter(named.values()))
-    return value, [i for i, v in named.items() if v == value]
 
 
 def plan_slices(cases: list[tuple[str, str]], value: int, axis: int, count: int, validation: int,
@@ -128,63 +83,37 @@ def plan_slices(cases: list[tuple[str, str]], value: int, axis: int, count: int,
     return planned
 
 
-class SAMassistTrainTask(BasicTrainTask):
-    def __init__(self, model_dir: str, model_factory, prompt_store: PromptEncoderStore, device=None,
-                 modality: str | None = None, ct_window=None, predictor_settings: PredictorSettings | None = None,
+class SAMassistTrainTask(LabelTrainTask):
+    method = "SAMassist"
+    running_statuses = ("training", "validating", "learning SAMauto")
+
+    def __init__(self, model_dir: str, model_factory, store: LabelStore, device=None, modality: str | None = None,
+                 ct_window=None, predictor_settings: PredictorSettings | None = None,
                  description: str = "SAMassist: learn this model's prompt encoder for one label from 2-5 labelled slices"):
         defaults = PromptLearningSettings()
         config = {"label": "", "label_value": "", "slices": 2, "axis": 2, "prompt": defaults.prompt,
                   "scheme": defaults.scheme, "iterations": defaults.iterations,
                   "learning_rate": defaults.learning_rate, "validation_slices": 6, "seed": defaults.seed,
                   "auto": True, "images": []}
-        super().__init__(model_dir, description, config=config, amp=False,
-                         stats_path=os.path.join(model_dir, "train_stats.json"))
-        for unused in ("max_epochs", "val_split", "early_stop_patience"):  # one epoch is one step; validation is ours
-            self._config.pop(unused)
-        self._config["multi_gpu"] = False  # a few seconds of work: never worth spawning processes
-        self.model_factory = model_factory
-        self.prompt_store = prompt_store
-        self.requested_device = device
-        self.modality = modality or None
-        self.ct_window = ct_window
-        self.predictor_settings = predictor_settings or PredictorSettings()
-        self._volumes = LRUCache(3)  # the image and label of the current case
-
-    @classmethod
-    def from_settings(cls, model_dir: str, model_factory, prompt_store: PromptEncoderStore, settings: dict):
-        """A task configured by the app's settings: same device, modality and prompt handling as the infer task."""
-        return cls(model_dir, model_factory, prompt_store, device=settings["device"], modality=settings["modality"],
-                   ct_window=settings["ct_window"], predictor_settings=PredictorSettings(zoom=settings["zoom"]))
+        super().__init__(model_dir, description, config, model_factory, store, device, modality, ct_window,
+                         predictor_settings)
 
     # -- request -> plan ---------------------------------------------------------------------------------------
     def learning_settings(self, request: dict) -> PromptLearningSettings:
         try:
             return replace(PromptLearningSettings(), prompt=str(request["prompt"]), scheme=str(request["scheme"]),
-                           iterations=_int(request, "iterations", 1, 10000),
-                           learning_rate=float(request["learning_rate"]), seed=_int(request, "seed", 0, 2 ** 31))
+                           iterations=int_field(request, "iterations", 1, 10000),
+                           learning_rate=float(request["learning_rate"]), seed=int_field(request, "seed", 0, 2 ** 31))
         except (TypeError, ValueError) as e:
             raise TrainingRequestError(str(e)) from e
 
     def pre_process(self, request, datastore):
         """Validate the request and plan the slices; returned as MONAI Label's datalist."""
         settings = self.learning_settings(request)
-        name = str(request.get("label") or "").strip()
-        if not name:
-            raise TrainingRequestError("say which label to learn: 'label' (e.g. the segment's name in Slicer)")
-        axis = _int(request, "axis", 0, 2)
-        count = _int(request, "slices", 1, MAX_SLICES)
-        image_ids = datastore.get_labeled_images("final")
-        if request.get("images"):
-            wanted = request["images"] if isinstance(request["images"], list) else [request["images"]]
-            unknown = sorted(set(map(str, wanted)) - set(image_ids))
-            if unknown:
-                raise TrainingRequestError(f"'images' {unknown} are not in the datastore or have no final label")
-            image_ids = [i for i in image_ids if i in set(map(str, wanted))]
-        if not image_ids:
-            raise TrainingRequestError("no image in the datastore has a final label yet: save labels first")
-        value, image_ids = label_value_for(name, request, datastore, image_ids)
-        cases = [(datastore.get_image_uri(i), datastore.get_label_uri(i, "final")) for i in image_ids]
-        plan = plan_slices(cases, value, axis, count, _int(request, "validation_slices", 0, 100),
+        name, value, cases = labelled_cases(request, datastore)
+        axis = int_field(request, "axis", 0, 2)
+        count = int_field(request, "slices", 1, MAX_SLICES)
+        plan = plan_slices(cases, value, axis, count, int_field(request, "validation_slices", 0, 100),
                            np.random.default_rng(settings.seed))
         if not any(p.role == "train" for p in plan):
             raise TrainingRequestError(f"no final label has voxels of {name!r} (value {value})")
@@ -194,25 +123,7 @@ class SAMassistTrainTask(BasicTrainTask):
                     f"{sum(p.role == 'validation' for p in plan)} other slices")
         return [asdict(p) for p in plan]
 
-    def __call__(self, request, datastore):
-        try:
-            return super().__call__(request, datastore)
-        except Exception as e:
-            self._write_stats({"status": "failed", "label": request.get("label"), "error": str(e)})
-            logger.error(f"SAMassist training failed: {e}")
-            raise
-
     # -- BasicTrainTask hooks ----------------------------------------------------------------------------------
-    def partition_datalist(self, context: Context, shuffle=False):
-        # Validation is ours (prompt simulation after the last step), not an ignite evaluator per epoch.
-        return [p for p in context.datalist if p["role"] == "train"], []
-
-    def load_path(self, output_dir, pretrained=True):
-        return None  # every run starts from the pretrained prompt encoder, never from another label's
-
-    def _device(self, context: Context) -> torch.device:
-        return pick_device(self.requested_device)
-
     def network(self, context: Context):
         start = time.perf_counter()
         model = self.model_factory(context.device).eval()
@@ -232,16 +143,6 @@ class SAMassistTrainTask(BasicTrainTask):
     def loss_function(self, context: Context):
         return segmentation_loss
 
-    # Slices are read, normalised and encoded once by network(); the loader yields indices into them.
-    def train_pre_transforms(self, context: Context):
-        return []
-
-    def train_post_transforms(self, context: Context):
-        return []
-
-    def val_inferer(self, context: Context):
-        return None
-
     def _create_trainer(self, context: Context):
         learner: PromptEncoderLearner = context.learner
         settings = learner.settings
@@ -260,9 +161,6 @@ class SAMassistTrainTask(BasicTrainTask):
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: self._progress(context, engine))
         trainer.add_event_handler(Events.COMPLETED, lambda engine: self._finish(context, engine))
         return trainer
-
-    def finalize(self, context):
-        pass  # stats are written by _progress and _finish (MONAI Label's publisher expects an evaluator's metrics)
 
     # -- progress, validation, publishing ----------------------------------------------------------------------
     def _progress(self, context: Context, engine) -> None:
@@ -300,7 +198,7 @@ class SAMassistTrainTask(BasicTrainTask):
             "final_loss": round(context.losses[-1], 5), "train_seconds": round(train_seconds, 1),
             "validation": validation, "auto": auto, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        self.prompt_store.save(request["label"], learned_state, info, extra)
+        self.store.save(request["label"], learned_state, info, extra)
         self._write_stats({"status": "done", "label": request["label"], "total_steps": engine.state.max_epochs,
                            "elapsed_s": round(time.time() - context.start_ts, 1), **info})
         logger.info(f"SAMassist {request['label']!r} published: validation {json.dumps(validation)}")
@@ -334,24 +232,3 @@ class SAMassistTrainTask(BasicTrainTask):
             predict = lambda slice_image, prompt, key: predictor.predict(slice_image, prompt, key, encoder)[0]
             result[name] = validate_prompts(predict, slices, np.random.default_rng(0))
         return result
-
-    def annotated_slice(self, plan: dict, value: int) -> tuple[torch.Tensor, np.ndarray]:
-        """(C, rows, cols) image slice in [0, 1] (normalised as the infer task does) and its (rows, cols) mask."""
-        image, _ = self._volumes.get_or_compute(plan["image"], lambda: load_image(plan["image"]))
-        label, _ = self._volumes.get_or_compute(plan["label"], lambda: load_image(plan["label"]))
-        _, intensity = image.intensity(self.modality, self.ct_window)
-        mask = extract_slice(label.array[:1], plan["axis"], plan["index"])[0].numpy().round() == value
-        return image.normalised_slice(plan["axis"], plan["index"], intensity), mask
-
-    def stats(self):
-        """train_stats for /info; a run that was stopped (or died) cannot say so itself: no process, no progress."""
-        from monailabel.utils.async_tasks.utils import processes
-
-        stats = super().stats()
-        if stats.get("status") in ("training", "validating", "learning SAMauto") and not processes("train"):
-            stats = {**stats, "status": "stopped"}
-        return stats
-
-    def _write_stats(self, stats: dict) -> None:
-        os.makedirs(os.path.dirname(self._stats_path), exist_ok=True)
-        atomic_write(self._stats_path, lambda f: f.write(json.dumps(stats, indent=2).encode()))

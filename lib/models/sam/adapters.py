@@ -61,7 +61,9 @@ class AdapterSettings:
     encoder_blocks: str | int = "all"  # the paper: "all" attention blocks; N: the last N (0: none, decoder only)
     depth_branch: bool = False
     decoder_adapters: bool = True
-    train_decoder_tail: bool = True  # the decoder's second block, final attention and heads (the paper)
+    # The paper also trains the decoder's second block, final attention and heads fully: 27% of LiteMedSAM (6% of ViT-B)
+    # and a 10 MB file per label, for the same held-out Dice on the putamen (README); adapters alone are 1.6-2.6%.
+    train_decoder_tail: bool = False
 
     def __post_init__(self):
         self.adapted_block_count(1)

@@ -1,9 +1,9 @@
-"""Learned prompt encoders, one per (model, label), on disk: written atomically, read again when they change.
+"""What was learned for each (model, label), on disk: written atomically, read again when it changes.
 
-Layout: <root>/<label>.pt (the prompt encoder's state dict), <root>/<label>.sapnet.pt (SAMauto's SAP-Net, when
-learned) and <root>/<label>.json (what was learned: prompt type, slices, seconds, validation Dice...), written
-last. The infer tasks ask for a label's weights on every request; a new training result is therefore served at
-the next click, without a restart.
+Layout: <root>/<label>.pt (the main weights: a learned prompt encoder for SAMassist, the adapters for MSA),
+<root>/<label>.<artifact>.pt for others learned with it (e.g. SAMauto's SAP-Net) and <root>/<label>.json (what
+was learned: prompt type, slices, seconds, validation Dice...), written last. The infer tasks ask for a label's
+weights on every request; a new training result is therefore served at the next click, without a restart.
 """
 
 from __future__ import annotations
@@ -43,19 +43,19 @@ class PromptEncoderStore:
         self._loaded: dict[str, tuple[int, torch.nn.Module]] = {}
         self._lock = threading.Lock()
 
-    def paths(self, label: str, artifact: str = "prompt_encoder") -> tuple[str, str]:
+    def paths(self, label: str, artifact: str = "main") -> tuple[str, str]:
         base = os.path.join(self.root, _safe(label))
-        return base + (".pt" if artifact == "prompt_encoder" else f".{artifact}.pt"), base + ".json"
+        return base + (".pt" if artifact == "main" else f".{artifact}.pt"), base + ".json"
 
     def save(self, label: str, state_dict: dict, info: dict, extra: dict | None = None) -> None:
-        """The prompt encoder's weights, other artifacts' (name -> state dict, e.g. "sapnet"), then the info."""
+        """The main weights, other artifacts' (name -> state dict, e.g. "sapnet"), then the info."""
         os.makedirs(self.root, exist_ok=True)
-        for artifact, state in {"prompt_encoder": state_dict, **(extra or {})}.items():
+        for artifact, state in {"main": state_dict, **(extra or {})}.items():
             atomic_write(self.paths(label, artifact)[0], lambda f: torch.save(state, f))
         atomic_write(self.paths(label)[1], lambda f: f.write(json.dumps({"label": label, **info}, indent=2).encode()))
 
     def info(self) -> dict:
-        """label -> what was learned, for every stored prompt encoder."""
+        """label -> what was learned, for every stored label."""
         out = {}
         if os.path.isdir(self.root):
             for name in sorted(os.listdir(self.root)):
@@ -72,7 +72,14 @@ class PromptEncoderStore:
             encoder.load_state_dict(state, strict=True)
             return encoder.eval().requires_grad_(False)
 
-        return self.load(label, "prompt_encoder", build, next(template.parameters()).device)
+        return self.load(label, "main", build, next(template.parameters()).device)
+
+    def stamp(self, label: str, artifact: str = "main") -> int | None:
+        """The artifact file's modification time (ns), which changes with every training result; None if absent."""
+        try:
+            return os.stat(self.paths(label, artifact)[0]).st_mtime_ns
+        except FileNotFoundError:
+            return None
 
     def load(self, label: str | None, artifact: str, build, device):
         """build(state_dict) for a label's stored artifact, rebuilt only when its file changed; None if absent."""

@@ -1,0 +1,181 @@
+"""MONAI Label infer task for MSA adapters: one frozen backbone, one small adapter file per label.
+
+A request names its label (Slicer's segment name, `label`); when that label has a trained adapter, the adapted
+model answers (clicks and boxes go to it directly: it was trained on both), else the frozen backbone does, exactly
+as the plain interactive task would. `adapter`: "auto" (the default, as just said), "none" (the frozen backbone
+even when an adapter exists) or the name of another trained label. New adapters are picked up at the next request.
+
+Adapters trained with a depth branch see stacks of slices: the slices are encoded in stacks of `depth` aligned on
+multiples of it (one encoder pass serves every slice of its stack), so each slice's embedding carries its
+neighbours. `volume: true` with a 3D box (`roi` spanning several slices) segments the box on every slice it spans
+and returns the 3D label.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, Tuple, Union
+
+import numpy as np
+import torch
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from ..errors import bad_request, not_found
+from ..models.sam.adapters import AdapterSettings, add_adapters, load_adapter_state, volumetric
+from ..trainers.label_store import LabelStore
+from ..transforms.geometry import ModelFrame, Window, in_plane_axes, resize_to_model
+from ..volumes import write_label
+from .predictor import PredictorSettings, PromptPredictor
+from .prompts import SlicePrompt, parse_prompt
+from .sam_interactive import SamInteractiveInfer, truthy
+
+logger = logging.getLogger(__name__)
+
+MAX_VOLUME_SLICES = 512
+
+
+class AdapterInfer(InferTask):
+    def __init__(self, interactive: SamInteractiveInfer, store: LabelStore,
+                 description: str = "MSA: clicks or a box, answered by the label's trained adapter"):
+        super().__init__(type=InferType.DEEPGROW, labels=[], dimension=2, description=description,
+                         config={"adapter": "auto", "depth": "", "volume": False})
+        self.interactive = interactive
+        self.store = store
+        self.settings = PredictorSettings(zoom=False)  # adapters are trained on whole slices
+
+    def is_valid(self) -> bool:
+        return True
+
+    def info(self) -> Dict[str, Any]:
+        info = super().info()
+        info["adapters"] = {
+            label: {"label_value": meta.get("label_value"), "file_bytes": meta.get("file_bytes"),
+                    "trainable_fraction": (meta.get("parameters") or {}).get("trainable_fraction"),
+                    "num_slices": meta.get("num_slices"), "images": meta.get("images"),
+                    "depth": (meta.get("training") or {}).get("depth", 1),
+                    "validation": meta.get("validation"), "trained_at": meta.get("trained_at")}
+            for label, meta in self.store.info().items()}
+        return info
+
+    def adapted_model(self, name: str):
+        """(adapted model, its info, file stamp) for a trained label, else None."""
+        meta = self.store.info().get(name)
+        if not meta:
+            return None
+        base = self.interactive.model
+
+        def build(state):
+            model = add_adapters(base, AdapterSettings(**meta["adapters"]))
+            return load_adapter_state(model, state).eval().requires_grad_(False)
+
+        model = self.store.load(name, "main", build, self.interactive.device)
+        if model is None:
+            return None
+        return model, meta, self.store.stamp(name)
+
+    def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
+        req = {**self.config(), **request}
+        label = req.get("label") or None
+        choice = str(req.get("adapter") or "auto")
+        if choice == "none":
+            path, info = self.interactive(request)
+            return path, {**info, "adapter": None}
+        name = label if choice == "auto" else choice
+        adapted = self.adapted_model(name) if name else None
+        if adapted is None:
+            if choice != "auto":
+                raise not_found(f"no adapter trained for label {choice!r}: train one with POST /train/ "
+                                f"(trained: {sorted(self.store.info())})")
+            path, info = self.interactive(request)
+            return path, {**info, "adapter": None}
+        return self.run_adapted(req, name, *adapted)
+
+    def run_adapted(self, req: dict, name: str, model, meta: dict, stamp) -> Tuple[str, Dict]:
+        begin = time.perf_counter()
+        path = req.get("image")
+        if not path or not isinstance(path, str):
+            raise not_found("image not found in the datastore")
+        image, _ = self.interactive.image(path)
+        prompt = parse_prompt(req, image.spatial_shape)
+        try:
+            range_key, intensity = image.intensity(req.get("modality") or None, req.get("ct_window"))
+            depth = int(req.get("depth") or (meta.get("training") or {}).get("depth", 1))
+            label_value = int(req.get("label_value", 1))
+        except (TypeError, ValueError) as e:
+            raise bad_request(str(e)) from e
+        if depth < 1 or (depth > 1 and not model.adapter_settings.depth_branch):
+            raise bad_request(f"'depth' {depth}: this adapter has no depth branch (train it with depth > 1)")
+        # The image fingerprint second, as in the interactive task's keys: a changed image drops these too.
+        key = ("msa", image.fingerprint, name, stamp, range_key, prompt.axis)
+        predictor = PromptPredictor(model, self.interactive.device, self.interactive.embeddings,
+                                    self.interactive.objects, self.settings)
+        if truthy(req.get("volume", False)):
+            indices = self.volume_slices(req, prompt, image)
+            volume = np.zeros(image.spatial_shape, dtype=np.uint8)
+            voxels = 0
+            for n, k in enumerate(indices):
+                slice_prompt = SlicePrompt(prompt.axis, k, np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32),
+                                           prompt.box)
+                mask = self.predict(predictor, image, intensity, slice_prompt, key, depth)
+                volume |= self.interactive._to_volume(mask.astype(np.uint8) * label_value, image, prompt.axis, k)
+                voxels += int(mask.sum())
+                if (n + 1) % 10 == 0 or n + 1 == len(indices):
+                    logger.info(f"MSA {name!r} on {path}: {n + 1}/{len(indices)} slices")
+            info = {"slices": [indices[0], indices[-1] + 1], "mask_voxels": voxels}
+            label_volume = volume
+        else:
+            mask = self.predict(predictor, image, intensity, prompt, key, depth)
+            label_volume = self.interactive._to_volume(mask.astype(np.uint8) * label_value, image, prompt.axis,
+                                                        prompt.index)
+            info = {"slice": prompt.index, "mask_voxels": int(mask.sum())}
+        path_out = write_label(label_volume, image, req.get("result_extension"), req.get("result_dtype"))
+        result = {
+            "label_names": {str(req.get("label") or name): label_value}, "axis": prompt.axis, "adapter": name,
+            "depth": depth, "prompt": "box" if prompt.box is not None else "clicks", **info,
+            "device": str(self.interactive.device),
+            "latencies": {"total_ms": round((time.perf_counter() - begin) * 1000, 1)},
+        }
+        logger.info(f"MSA infer {path} with adapter {name!r}: {info}, {result['latencies']}")
+        return path_out, result
+
+    @staticmethod
+    def volume_slices(req: dict, prompt: SlicePrompt, image) -> list[int]:
+        roi = req.get("roi")
+        if prompt.axis is None or prompt.box is None or not roi or len(roi) != 6:
+            raise bad_request("'volume' needs a 3D box: 'roi' [i0, i1, j0, j1, k0, k1] on a volume")
+        low, high = sorted(int(round(v)) for v in roi[2 * prompt.axis: 2 * prompt.axis + 2])
+        low, high = max(low, 0), min(high, image.spatial_shape[prompt.axis] - 1)
+        if high - low + 1 > MAX_VOLUME_SLICES:
+            raise bad_request(f"the box spans {high - low + 1} slices; at most {MAX_VOLUME_SLICES} per request")
+        return list(range(low, high + 1))
+
+    def predict(self, predictor: PromptPredictor, image, intensity, prompt: SlicePrompt, key: tuple,
+                depth: int) -> np.ndarray:
+        if depth > 1:
+            self.encode_stack(predictor, image, intensity, prompt.axis, prompt.index, key, depth)
+            key = key + ("depth", depth)
+        slice_image = image.normalised_slice(prompt.axis, prompt.index, intensity)
+        mask, _ = predictor.predict(slice_image, prompt, key + (prompt.index,), direct=True)
+        return mask
+
+    def encode_stack(self, predictor: PromptPredictor, image, intensity, axis: int, index: int, key: tuple,
+                     depth: int) -> None:
+        """Put the embeddings of the aligned stack holding `index` into the embedding cache (one encoder pass)."""
+        size = image.spatial_shape[axis]
+        start = min((index // depth) * depth, max(size - depth, 0))
+        indices = [min(start + d, size - 1) for d in range(depth)]
+        col_axis, row_axis = in_plane_axes(axis)
+        window = Window.whole((image.spatial_shape[row_axis], image.spatial_shape[col_axis]))
+        stack_key = lambda k: key + ("depth", depth, k, window.as_tuple())
+        if all(stack_key(k) in predictor.embeddings for k in indices):
+            return
+        frame = ModelFrame(window, predictor.model.image_size)
+        inputs = []
+        for k in indices:
+            x = resize_to_model(image.normalised_slice(axis, k, intensity), frame)
+            inputs.append(x.expand(3, -1, -1) if x.shape[0] == 1 else x)
+        with torch.inference_mode(), volumetric(depth):
+            embeddings = predictor.model.encode(torch.stack(inputs).to(predictor.device))
+        for d, k in enumerate(indices):
+            predictor.embeddings.get_or_compute(stack_key(k), lambda d=d: embeddings[d:d + 1].clone())
