@@ -37,7 +37,7 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
-class PromptEncoderStore:
+class LabelStore:
     def __init__(self, root: str):
         self.root = root
         self._loaded: dict[str, tuple[int, torch.nn.Module]] = {}
