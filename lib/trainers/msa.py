@@ -28,7 +28,7 @@ from .samassist import jitter_box, segmentation_loss
 
 @dataclass(frozen=True)
 class AdapterTrainingSettings:
-    epochs: int = 10
+    epochs: int = 20  # 10 left the putamen click at 0.69 on held-out slices, 20 reached 0.87 (8 slices)
     batch_size: int = 4  # stacks per step
     learning_rate: float = 3e-3  # adapters (zero-started, small): 1e-3 learned less in 10 epochs on the putamen
     tail_learning_rate: float = 1e-4  # the fully trained decoder tail, when trained: 3e-3 there diverged
