@@ -226,8 +226,13 @@ class PromptPredictor:
     def _respect_clicks(mask: np.ndarray, prompt: SlicePrompt) -> np.ndarray:
         """The user's clicks are ground truth. Keep the components a foreground click is in (all, if no click hits
         one); drop those only a background click is in; and a component holding both (a background click put to
-        cut a leak) is split: each of its pixels goes to the nearer click."""
+        cut a leak) is split: each of its pixels goes to the nearer click. With a box and no foreground click the
+        box says what the object is and the background clicks only trim it, through the model: dropping the
+        component they fall in would delete the boxed object for a click on its leak (box + 1 corrective click
+        scored 0.14-0.29 on the putamen that way, against 0.57-0.87 for the box alone)."""
         if not mask.any() or (not len(prompt.foreground) and not len(prompt.background)):
+            return mask
+        if prompt.box is not None and not len(prompt.foreground):
             return mask
         components, count = ndimage.label(mask)
         at = lambda pts: {int(components[int(round(r)), int(round(c))]) for r, c in pts} - {0}
