@@ -45,6 +45,32 @@ def test_an_untrained_adapter_leaves_the_model_as_it_was(litemedsam):
         assert torch.equal(model.decode(frozen[:1], points, labels)[0], litemedsam.decode(frozen[:1], points, labels)[0])
 
 
+def test_vit_blocks_take_adapters_and_a_depth_branch_too():
+    """Meta SAM's ViT blocks (a small ViT here: same code path as ViT-B/L/H): an untrained adapter changes
+    nothing; once trained, the depth branch makes each slice depend on its neighbours."""
+    from lib.models.sam import ImageEncoderViT, Sam
+    from lib.models.sam.build import _sam_head
+
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=4, window_size=4,
+                              global_attn_indexes=(1,), out_chans=256)
+    base = Sam(encoder, *_sam_head(image_size=128, embedding_size=8), image_size=128).eval()
+    model = add_adapters(base, AdapterSettings(depth_branch=True)).eval()
+    x = torch.rand(3, 3, 128, 128)
+    with torch.no_grad():
+        frozen = base.encode(x)
+        with volumetric(3):
+            assert torch.allclose(model.encode(x), frozen, atol=1e-6)
+        for name, p in model.named_parameters():
+            if "adapter." in name:
+                p.add_(torch.randn_like(p) * 0.05)
+        alone = model.encode(x[:1])
+        with volumetric(3):
+            together = model.encode(x)
+        assert not torch.allclose(together[:1], alone, atol=1e-4)  # the depth branch mixes in the neighbours
+        assert torch.allclose(base.encode(x), frozen)  # the base model is untouched
+
+
 def test_adapters_are_a_small_part_of_the_model(litemedsam):
     lite = parameter_counts(add_adapters(litemedsam, AdapterSettings()))
     vit_b = parameter_counts(add_adapters(make_sam_vit("vit_b"), AdapterSettings()))
