@@ -133,4 +133,5 @@ def test_background_click_inside_the_object_cuts_it_instead_of_deleting_it():
     assert not PromptPredictor._respect_clicks(mask, only_background).any()  # only a background click is in it
     boxed = SlicePrompt(axis=2, index=0, foreground=np.zeros((0, 2), np.float32),
                         background=np.array([[20, 60]], np.float32), box=(8, 3, 32, 77))
-    assert np.array_equal(PromptPredictor._respect_clicks(mask, boxed), mask)  # the box is the object: kept
+    out = PromptPredictor._respect_clicks(mask, boxed)  # the box's centre (20, 40) stands for the object
+    assert out[20, 40] and out[20, 45] and not out[20, 55] and not out[20, 70]

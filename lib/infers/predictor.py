@@ -227,13 +227,22 @@ class PromptPredictor:
         """The user's clicks are ground truth. Keep the components a foreground click is in (all, if no click hits
         one); drop those only a background click is in; and a component holding both (a background click put to
         cut a leak) is split: each of its pixels goes to the nearer click. With a box and no foreground click the
-        box says what the object is and the background clicks only trim it, through the model: dropping the
-        component they fall in would delete the boxed object for a click on its leak (box + 1 corrective click
-        scored 0.14-0.29 on the putamen that way, against 0.57-0.87 for the box alone)."""
+        box's centre stands for the foreground click and every component a background click falls in is split so:
+        dropping it would delete the boxed object for a click on its leak (box + 1 corrective click fell to
+        0.14-0.29 Dice on the putamen that way, from 0.57-0.87 for the box alone)."""
         if not mask.any() or (not len(prompt.foreground) and not len(prompt.background)):
             return mask
         if prompt.box is not None and not len(prompt.foreground):
-            return mask
+            r0, c0, r1, c1 = prompt.box
+            centre = np.array([[(r0 + r1) / 2, (c0 + c1) / 2]], np.float32)
+            components, _ = ndimage.label(mask)
+            out = mask.copy()
+            for cid in {int(components[int(round(r)), int(round(c))]) for r, c in prompt.background} - {0}:
+                rows, cols = np.nonzero(components == cid)
+                pixels = np.stack([rows, cols], axis=1).astype(np.float32)
+                to_click = np.min(np.linalg.norm(pixels[:, None, :] - prompt.background[None, :, :], axis=2), axis=1)
+                out[rows, cols] = np.linalg.norm(pixels - centre, axis=1) < to_click
+            return out
         components, count = ndimage.label(mask)
         at = lambda pts: {int(components[int(round(r)), int(round(c))]) for r, c in pts} - {0}
         fg_ids, bg_ids = at(prompt.foreground), at(prompt.background)
