@@ -107,6 +107,16 @@ def test_training_changes_only_the_adapter_and_the_file_restores_it(litemedsam, 
         load_adapter_state(add_adapters(litemedsam, AdapterSettings()), state)
 
 
+def test_auto_serves_whichever_validated_better_for_the_prompt_kind():
+    from lib.infers.msa_adapter import AdapterInfer
+
+    thalamus = {"validation": {"adapted": {"one_click_dice": 0.72, "box_dice": 0.85},
+                               "frozen": {"one_click_dice": 0.79, "box_dice": 0.56}}}
+    assert not AdapterInfer.adapter_validated_better(thalamus, "click")
+    assert AdapterInfer.adapter_validated_better(thalamus, "box")
+    assert AdapterInfer.adapter_validated_better({"validation": {"held_out_slices": 0}}, "click")  # no evidence
+
+
 # -- through the server ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
