@@ -29,9 +29,9 @@ maps any full w onto them, `full_weight` gives back one). The convolution is lin
 e_q, so Conv(M) is a k x k convolution of the query map e_q (L channels) with input-dependent weights
 U[c, d] = sum_i W[c, i, d] (w [e_t; p1; p2])_i / sqrt(L) (2 k^2 vectors of width L), exactly (zero padding of
 M is zero padding of e_q). Cost: O(k^2 N (N + L)) for the weights, O(k^2 N L) for the convolution.
-Largest tensor per call at the default 32 x 32 grid, L = 128: N x L floats (512 KiB); peak memory of one
-prediction (B = 1, inference) is measured by tests/test_oneprompt_model.py (about 2.6 MB; a naive M alone would
-be 4 MiB, and the public code's blow-up 256 MiB at this grid).
+Memory per call, measured (B = 1, inference, float32, default 32 x 32 grid, L = 128; live tensor storages
+tracked op by op, tests/test_oneprompt_model.py): peak 1.6 MB, largest tensor one N x L map (512 KiB). M alone
+would be 4 MiB, and the public code's per-token L x L outer products 64 MiB at this grid (1 GiB at theirs).
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ class PromptParser(nn.Module):
 
     def gaussian_weight(self, mean_var: Tensor) -> Tensor:
         """(B, 2, h, w) raw (mean, variance) -> k_G, (B, N) per-pixel weights (module docstring)."""
-        b = mean_var.shape[0]
         mean = F.softplus(mean_var[:, :1])  # (B, 1, h, w)
         var = F.softplus(mean_var[:, 1]).flatten(1) + self.min_variance  # (B, N)
         size = 2 * self.gauss_radius + 1
@@ -127,8 +126,7 @@ class PromptParser(nn.Module):
         if e_t.shape[1] != self.num_tokens or e_q.shape != e_t.shape:
             raise ValueError(f"expected (B, {self.num_tokens}, L) template and query tokens, got "
                              f"{tuple(e_t.shape)} and {tuple(e_q.shape)}")
-        b = e_t.shape[0]
-        p1, p2 = p1.expand(b, 1, -1), p2.expand(b, 1, -1)
+        p1, p2 = p1.expand(e_t.shape[0], 1, -1), p2.expand(e_t.shape[0], 1, -1)
         k_g = self.gaussian_weight(self.conv_of_m(e_t, e_q, p1, p2)).unsqueeze(-1)  # (B, N, 1)
         e_tq = e_t * (p1 + p2 + e_q)  # (1)
         e_g = torch.maximum(e_tq * k_g, e_tq)  # (3)

@@ -8,8 +8,9 @@ Gumbel-softmax (temperature annealed from tau_start to tau_end, DALL-E's 1 -> 1/
 "the decoder learns to reconstruct the input segmentation"); the image is context for the tokenizer only.
 
 Defaults are smaller than the paper's (K = 8192 codes on a 14 x 14 grid): K = 512 codes of width 64 on a
-16 x 16 grid (16 x 16-pixel cells; a power-of-two grid keeps the strided convolutions exact), narrow convolutions,
-so that `train_seglab` fits a few hundred masks on CPU in a minute or two. All are constructor arguments.
+16 x 16 grid (16 x 16-pixel cells), 128-wide convolutions on the grid, 0.63 M parameters, so that
+`train_seglab` fits a few hundred masks on one CPU thread in under a minute (300 steps of 8: ~40 s, held-out
+Dice of the hard-token reconstruction 0.93 on disks and rectangles). All are constructor arguments.
 `embed(image, mask)` gives the chosen codebook vectors, (B, g * g, D), which the prompt encoder pools into p1 = p2.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +47,21 @@ class SegLabAutoencoder(nn.Module):
         self.codebook_dim = codebook_dim
         self.image_chans = image_chans
         # Patch tokenizer: each cell's pixels (all 4 channels) as one vector, then convolutions on the grid so
-        # that a token also sees its neighbours. The direct view of the cell's mask pixels is what makes it
-        # learn in a few hundred steps (a stack of strided convolutions from pixels took several times longer).
+        # that a token also sees its neighbours. Cheaper than a stack of strided convolutions from the pixels
+        # (which learned no faster here), and every token sees its whole cell from the first layer.
         self.tokenizer = nn.Sequential(
             nn.PixelUnshuffle(patch),
             nn.Conv2d((image_chans + 1) * patch * patch, hidden_dim, 1), nn.BatchNorm2d(hidden_dim), nn.ReLU(),
             nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1), nn.BatchNorm2d(hidden_dim), nn.ReLU(),
             nn.Conv2d(hidden_dim, num_tokens, 1),
         )
+        # Logits start 10x the default initialisation's: each cell's code then depends on its content more than
+        # on the Gumbel noise from the first step (with near-uniform logits the sampled codes are noise, the
+        # decoder learns to ignore them and only a handful of codes survive; measured: 120 steps gave eval Dice
+        # 0.84 at 1x, 0.88-0.91 at 10x on held-out disks and rectangles).
+        with torch.no_grad():
+            self.tokenizer[-1].weight.mul_(10.0)
+            self.tokenizer[-1].bias.mul_(10.0)
         self.codebook = nn.Embedding(num_tokens, codebook_dim)
         # Decoder: convolutions on the grid of codebook vectors, then each cell's vector -> its patch of logits.
         self.decoder = nn.Sequential(
@@ -122,7 +130,7 @@ def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
 
 
 def train_seglab(masks: Tensor, images: Optional[Tensor] = None, steps: int = 300, batch_size: int = 8,
-                 lr: float = 2e-3, tau_start: float = 1.0, tau_end: float = 1.0 / 16, straight_through: bool = True,
+                 lr: float = 3e-3, tau_start: float = 1.0, tau_end: float = 1.0 / 16, straight_through: bool = False,
                  kl_weight: float = 0.0, model: Optional[SegLabAutoencoder] = None, seed: int = 0,
                  log_every: int = 0) -> SegLabAutoencoder:
     """Fit a SegLab autoencoder to reconstruct `masks` (N, 1, S, S) or (N, S, S) in {0, 1}, with the template
