@@ -17,15 +17,7 @@ from lib.models.oneprompt import (OnePromptModel, Prompt, PromptParser, SegLabAu
 from lib.models.oneprompt.prompt_encoder import NEG_CLICK, NEG_DOODLE
 from lib.models.sam import TinyViTImageEncoder
 
-SMALL_LEVELS = (("neck", 8), ("stage2", 16), ("stage1", 16))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from oneprompt_helpers import SMALL_LEVELS, one_thread  # noqa: E402,F401  (one_thread: autouse fixture)
 
 
 def tiny_encoder() -> TinyViTImageEncoder:
