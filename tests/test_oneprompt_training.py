@@ -4,7 +4,6 @@ the learning-rate schedule, and a 20-step run on tiny synthetic tasks. CPU, one 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from lib.models.oneprompt import OnePromptModel
