@@ -70,6 +70,33 @@ def label_value_for(name: str, request: dict, datastore, image_ids: list[str]) -
     return value, [i for i, v in named.items() if v == value]
 
 
+def labelled_volumes(cases: list[tuple[str, str]], value: int):
+    """(image path, label path, boolean mask of `value`, is_2d) for each case holding the label, keeping to one
+    kind of image: the first that holds it decides 2D or 3D (the other kind holds other things under the same
+    value, e.g. an instance id in a 2D mask that is a brain region's value in a 3D atlas)."""
+    kind = None
+    for image_path, label_path in cases:
+        label = load_image(label_path)
+        mask = label.array[0].numpy().round() == value
+        if not mask.any() or kind not in (None, label.is_2d):
+            continue
+        kind = label.is_2d
+        yield image_path, label_path, mask, label.is_2d
+
+
+def foreground_slices(mask: np.ndarray, axis: int) -> list[int]:
+    """Slices along `axis` whose cross-section of the mask is large enough to prompt (MIN_VALIDATION_AREA)."""
+    areas = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).sum(1)
+    return np.nonzero(areas >= MIN_VALIDATION_AREA)[0].tolist()
+
+
+def evenly_spread(items: list, count: int) -> list:
+    """`count` of the items (all when fewer), evenly spread over the list, first and last included."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
+
+
 def labelled_cases(request: dict, datastore) -> tuple[str, int, list[tuple[str, str]]]:
     """(label name, voxel value, [(image path, final label path)]) for a training request; clear errors otherwise."""
     name = str(request.get("label") or "").strip()

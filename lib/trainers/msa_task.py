@@ -34,8 +34,8 @@ from ..infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor
 from ..models.sam.adapters import AdapterSettings, adapter_state, parameter_counts
 from ..volumes import load_image
 from .label_store import LabelStore
-from .label_task import (MIN_VALIDATION_AREA, AnnotatedSlice, LabelTrainTask, TrainingRequestError, int_field,
-                         labelled_cases)
+from .label_task import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, evenly_spread, foreground_slices,
+                         int_field, labelled_cases, labelled_volumes)
 from .msa import AdapterLearner, AdapterTrainingSettings
 from .samassist import segmentation_loss
 
@@ -49,19 +49,12 @@ def plan_adapter_slices(cases: list[tuple[str, str]], value: int, axis: int, cou
     """Training and held-out slices (see the module docstring) over (image, label) pairs of one kind (2D or 3D:
     the first image holding the label decides; the other kind holds other things under the same value)."""
     candidates: list[AnnotatedSlice] = []
-    kind = None
-    for image_path, label_path in cases:
-        label = load_image(label_path)
-        volume = label.array[0].numpy().round() == value
-        if not volume.any() or kind not in (None, label.is_2d):
-            continue
-        kind = label.is_2d
-        if label.is_2d:
+    for image_path, label_path, mask, is_2d in labelled_volumes(cases, value):
+        if is_2d:
             candidates.append(AnnotatedSlice(image_path, label_path, None, None, "train"))
-            continue
-        areas = np.moveaxis(volume, axis, 0).reshape(volume.shape[axis], -1).sum(1)
-        candidates += [AnnotatedSlice(image_path, label_path, axis, int(k), "train")
-                       for k in np.nonzero(areas >= MIN_VALIDATION_AREA)[0]]
+        else:
+            candidates += [AnnotatedSlice(image_path, label_path, axis, k, "train")
+                           for k in foreground_slices(mask, axis)]
     if not candidates:
         return []
     held = set()
@@ -74,9 +67,8 @@ def plan_adapter_slices(cases: list[tuple[str, str]], value: int, axis: int, cou
         elif not any(abs(i - h) <= gap and candidates[h].image == item.image and item.axis is not None
                      for h in held):
             plan.append(item)
-    train = [p for p in plan if p.role == "train"]
-    if count is not None and len(train) > count:
-        keep = {train[i] for i in np.linspace(0, len(train) - 1, count).round().astype(int)}
+    if count is not None:
+        keep = set(evenly_spread([p for p in plan if p.role == "train"], count))
         plan = [p for p in plan if p.role == "validation" or p in keep]
     return plan
 

@@ -33,10 +33,9 @@ from ..evaluation import validate_prompts
 from ..infers.cache import LRUCache
 from ..infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor
 from ..infers.sam_interactive import truthy
-from ..volumes import load_image
 from .label_store import LabelStore
-from .label_task import (MIN_VALIDATION_AREA, AnnotatedSlice, LabelTrainTask, TrainingRequestError, int_field,
-                         labelled_cases)
+from .label_task import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, evenly_spread, foreground_slices,
+                         int_field, labelled_cases, labelled_volumes)
 from .sapnet import SAPNetLearner
 from .samassist import PromptEncoderLearner, PromptLearningSettings, segmentation_loss, select_training_slices, state_dict_of
 
@@ -60,26 +59,17 @@ def plan_slices(cases: list[tuple[str, str]], value: int, axis: int, count: int,
     """Training and validation slices over (image, label) pairs: `count` training slices in all, from the first
     labelled volumes; up to `validation` other labelled slices, evenly spread, to validate on."""
     planned: list[AnnotatedSlice] = []
-    kind = None  # 2D or 3D, from the first image holding the label: the other kind holds other things
-    for image_path, label_path in cases:
+    for image_path, label_path, volume, is_2d in labelled_volumes(cases, value):
         needed = count - sum(p.role == "train" for p in planned)
-        label = load_image(label_path)
-        volume = label.array[0].numpy().round() == value
-        if not volume.any() or kind not in (None, label.is_2d):
-            continue
-        kind = label.is_2d
-        if label.is_2d:
+        if is_2d:
             planned.append(AnnotatedSlice(image_path, label_path, None, None, "train" if needed else "validation"))
             continue
-        areas = np.moveaxis(volume, axis, 0).reshape(volume.shape[axis], -1).sum(1)
         train = select_training_slices(volume, axis, needed, rng) if needed else []
         planned += [AnnotatedSlice(image_path, label_path, axis, k, "train") for k in train]
-        rest = [k for k in np.nonzero(areas >= MIN_VALIDATION_AREA)[0].tolist() if k not in train]
-        planned += [AnnotatedSlice(image_path, label_path, axis, k, "validation") for k in rest]
-    held_out = [p for p in planned if p.role == "validation"]
-    if len(held_out) > validation:
-        keep = {held_out[i] for i in np.linspace(0, len(held_out) - 1, validation).round().astype(int)}
-        planned = [p for p in planned if p.role == "train" or p in keep]
+        planned += [AnnotatedSlice(image_path, label_path, axis, k, "validation")
+                    for k in foreground_slices(volume, axis) if k not in train]
+    keep = set(evenly_spread([p for p in planned if p.role == "validation"], validation))
+    planned = [p for p in planned if p.role == "train" or p in keep]
     return planned
 
 
