@@ -94,3 +94,36 @@ class Server:
 def copy_sample_data(destination: str) -> str:
     shutil.copytree(SAMPLE_DATA, destination, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock"))
     return destination
+
+
+def start_on_sample_data(root, prepare=None) -> Server:
+    """A server on a fresh copy of the sample data under `root`, with its models (learned prompts, adapters)
+    in `root`/model; `prepare(studies)` may add files to the copy first."""
+    studies = copy_sample_data(os.path.join(str(root), "studies"))
+    if prepare:
+        prepare(studies)
+    return Server(studies, os.path.join(str(root), "server.log"),
+                  conf={"models_dir": os.path.join(str(root), "model")}).start()
+
+
+def server_info(server: Server) -> dict:
+    return requests.get(f"{server.url}/info/", timeout=30).json()
+
+
+def start_training(server: Server, model: str, params: dict) -> dict:
+    response = requests.post(f"{server.url}/train/{model}", json=params, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for_training(server: Server, model: str, timeout: float = 1200) -> tuple[dict, list[dict]]:
+    """The finished task, and the model's train_stats seen in /info while it ran."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        task = requests.get(f"{server.url}/train/", timeout=30).json()
+        seen.append(server_info(server)["train_stats"].get(model, {}))
+        if task["status"] not in ("SUBMITTED", "RUNNING"):
+            return task, seen
+        time.sleep(1)
+    raise AssertionError(f"training did not finish in {timeout}s; server log:\n{server.tail()}")
+

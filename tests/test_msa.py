@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from helpers import Server, copy_sample_data, dice
+from helpers import dice, server_info, start_on_sample_data, start_training, wait_for_training
 from lib.evaluation import Target
 from lib.models.sam import build_litemedsam, make_sam_vit
 from lib.models.sam.adapters import (AdapterSettings, adapter_state, add_adapters, load_adapter_state,
@@ -120,28 +119,18 @@ def test_auto_serves_whichever_validated_better_for_the_prompt_kind():
 # -- through the server ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("msa")
-    studies = copy_sample_data(str(root / "studies"))
-    srv = Server(studies, str(root / "server.log"), conf={"models_dir": str(root / "model")}).start()
+    srv = start_on_sample_data(tmp_path_factory.mktemp("msa"))
     yield srv
     srv.stop()
 
 
 def info(server) -> dict:
-    return requests.get(f"{server.url}/info/", timeout=30).json()
+    return server_info(server)
 
 
 def train(server, params: dict, timeout: float = 1200) -> tuple[dict, list[dict]]:
-    response = requests.post(f"{server.url}/train/{MODEL}", json=params, timeout=60)
-    assert response.status_code == 200, response.text
-    seen, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        task = requests.get(f"{server.url}/train/", timeout=30).json()
-        seen.append(info(server)["train_stats"].get(MODEL, {}))
-        if task["status"] not in ("SUBMITTED", "RUNNING"):
-            return task, seen
-        time.sleep(1)
-    raise AssertionError(f"training did not finish in {timeout}s; server log:\n{server.tail()}")
+    start_training(server, MODEL, params)
+    return wait_for_training(server, MODEL, timeout)
 
 
 def infer(server, model: str, params: dict, out: str) -> np.ndarray:

@@ -18,7 +18,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from helpers import Server, copy_sample_data, dice, read_label
+from helpers import dice, read_label, start_on_sample_data
 from lib.evaluation import component_targets
 
 MODEL = "litemedsam"
@@ -26,11 +26,11 @@ MODEL = "litemedsam"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    studies = copy_sample_data(str(root / "studies"))
-    with open(os.path.join(studies, "corrupt.nii.gz"), "wb") as f:
-        f.write(b"this is not a NIfTI file" * 10)
-    srv = Server(studies, str(root / "server.log"), conf={"models_dir": str(root / "model")}).start()
+    def add_corrupt_file(studies):
+        with open(os.path.join(studies, "corrupt.nii.gz"), "wb") as f:
+            f.write(b"this is not a NIfTI file" * 10)
+
+    srv = start_on_sample_data(tmp_path_factory.mktemp("server"), add_corrupt_file)
     yield srv
     srv.stop()
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import Server, copy_sample_data, dice
+import helpers
+from helpers import dice, server_info, start_on_sample_data
 from lib.evaluation import Target
 from lib.trainers.samassist import select_training_slices
 
@@ -27,33 +28,21 @@ PUTAMEN_L = 73  # AAL value
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("training")
-    studies = copy_sample_data(str(root / "studies"))
-    srv = Server(studies, str(root / "server.log"), conf={"models_dir": str(root / "model")}).start()
+    srv = start_on_sample_data(tmp_path_factory.mktemp("training"))
     yield srv
     srv.stop()
 
 
 def info(server) -> dict:
-    return requests.get(f"{server.url}/info/", timeout=30).json()
+    return server_info(server)
 
 
 def wait_for_training(server, timeout: float = 900) -> tuple[dict, list[dict]]:
-    """The finished task, and the train_stats seen in /info while it ran."""
-    seen, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        task = requests.get(f"{server.url}/train/", timeout=30).json()
-        seen.append(info(server)["train_stats"].get(MODEL, {}))
-        if task["status"] not in ("SUBMITTED", "RUNNING"):
-            return task, seen
-        time.sleep(1)
-    raise AssertionError(f"training did not finish in {timeout}s; server log:\n{server.tail()}")
+    return helpers.wait_for_training(server, MODEL, timeout)
 
 
 def start_training(server, params: dict) -> dict:
-    response = requests.post(f"{server.url}/train/{MODEL}", json=params, timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()
+    return helpers.start_training(server, MODEL, params)
 
 
 def click(server, slice_index: int, point_rc, label: str | None, image: str = IMAGE) -> np.ndarray:
