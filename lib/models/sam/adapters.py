@@ -187,14 +187,10 @@ class AdaptedTwoWayBlock(nn.Module):
         self.mlp_adapter = Adapter(dim, ratio, scale=settings.mlp_scale)
         self.image_adapter = Adapter(dim, ratio, skip=True)
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
+    token_self_attention = TwoWayAttentionBlock.token_self_attention  # unchanged by MSA
 
+    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
+        queries = self.token_self_attention(queries, query_pe)
         keys_pe = keys + key_pe
         queries = queries + self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys)
         queries = self.norm2(self.prompt_adapter(queries, prompt=query_pe))  # (1): conditioned on the prompt

@@ -58,16 +58,19 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> Tuple[Tensor, Tensor]:
-        """queries (B, Nq, C) prompt tokens, keys (B or 1, Nk, C) image tokens, with their positional encodings.
-        Keys of batch 1 (one image, B prompts) become batch B at the first image update."""
+    def token_self_attention(self, queries: Tensor, query_pe: Tensor) -> Tensor:
+        """The prompt tokens' self-attention, its residual (not in the first block) and norm1."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
+        return self.norm1(queries)
 
+    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> Tuple[Tensor, Tensor]:
+        """queries (B, Nq, C) prompt tokens, keys (B or 1, Nk, C) image tokens, with their positional encodings.
+        Keys of batch 1 (one image, B prompts) become batch B at the first image update."""
+        queries = self.token_self_attention(queries, query_pe)
         keys_pe = keys + key_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, keys_pe, keys))
         queries = self.norm3(queries + self.mlp(queries))
