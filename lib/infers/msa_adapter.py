@@ -61,7 +61,7 @@ class AdapterInfer(InferTask):
 
     def adapted_model(self, name: str):
         """(adapted model, its info, file stamp) for a trained label, else None."""
-        meta = self.store.info().get(name)
+        meta = self.store.meta(name)
         if not meta:
             return None
         base = self.interactive.model

@@ -57,7 +57,7 @@ class SamAutoInfer(InferTask):
         label = str(req.get("label") or "").strip()
         if not label:
             raise bad_request("say which label to segment: 'label', one trained with POST /train/")
-        meta = self.prompt_store.info().get(label, {}).get("auto")
+        meta = (self.prompt_store.meta(label) or {}).get("auto")
         model = self.interactive.model
         sapnet = self.prompt_store.load(label, "sapnet", lambda state: load_sapnet(state, meta, self.interactive.device),
                                         self.interactive.device) if meta else None

@@ -65,6 +65,14 @@ class LabelStore:
                     out[meta.get("label", name[:-5])] = meta
         return out
 
+    def meta(self, label: str) -> dict | None:
+        """What was learned for one label (its .json), or None: one small read, for the request path."""
+        try:
+            with open(self.paths(label)[1]) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):  # absent, bad name, or being replaced
+            return None
+
     def encoder_for(self, label: str | None, template: torch.nn.Module):
         """The learned prompt encoder for a label (a copy of `template` with the stored weights), or None."""
         def build(state):
