@@ -5,7 +5,7 @@ Stages (each resumable): feature cache (frozen LiteMedSAM encoder, clean + augme
 autoencoder -> decoder + prompt encoder -> evaluation on held-out tasks (with the frozen LiteMedSAM and prototype
 baselines) -> weights file lib/models/oneprompt/weights/oneprompt_litemedsam.pt + a JSON beside it.
 
-    nice -n 19 .venv/bin/python scripts/train_oneprompt.py --steps 1500 --time-budget 1500
+    nice -n 19 .venv/bin/python scripts/train_oneprompt.py --steps 1000 --batch-size 8 --time-budget 2100
     nice -n 19 .venv/bin/python scripts/train_oneprompt.py --only cache       # just build the feature cache
 """
 
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
                    help="run the stages up to and including this one")
     p.add_argument("--eval-templates", type=int, default=None, help="templates per held-out task (default all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paper-only", action="store_true",
+                   help="the decoder without our two additions (prompt map on template tokens, head priors)")
     args = p.parse_args(argv)
 
     import torch
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
     store = op.SampleStore(args.data)
     cache = op.FeatureCache(args.features or os.path.join(args.data, "features"), store, views=args.views,
                             seed=args.seed)
-    model = build_oneprompt()
+    additions = {"prompt_map": not args.paper_only, "head_priors": not args.paper_only}
+    model = build_oneprompt(**additions)
     report = {"command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
               "manifest_sha256": store.manifest_hash(), "args": vars(args)}
 
@@ -122,6 +125,7 @@ def main(argv=None) -> int:
     state = {"decoder_and_prompt_encoder": op.trainable_state(model, torch.float16),
              "seglab": {k: v.half() if v.is_floating_point() else v for k, v in seglab.state_dict().items()},
              "config": {"embed_dim": 128, "levels": list(model.levels), "head_skips": list(model.head_skips),
+                        **additions,
                         "encoder": "LiteMedSAM TinyViT (frozen; build_litemedsam())"},
              "steps": history["step"]}
     op.atomic_save(state, args.out)

@@ -27,9 +27,11 @@ def tiny_encoder() -> TinyViTImageEncoder:
                                window_sizes=(7, 7, 7, 7), out_chans=32)
 
 
-def tiny_model(seglab=None) -> OnePromptModel:
+def tiny_model(seglab=None, additions: bool = False) -> OnePromptModel:
+    """additions: our prompt map on the template tokens and head priors (model.py), on top of the paper's."""
     torch.manual_seed(1)
-    return OnePromptModel(tiny_encoder(), embed_dim=64, levels=SMALL_LEVELS, mlp_dim=128, seglab=seglab)
+    return OnePromptModel(tiny_encoder(), embed_dim=64, levels=SMALL_LEVELS, mlp_dim=128, seglab=seglab,
+                          prompt_map=additions, head_priors=additions)
 
 
 def disk_image(cx: float, cy: float, radius: float = 28.0, seed: int = 0):
@@ -234,10 +236,51 @@ def test_litemedsam_encoder_is_frozen_and_gives_three_levels():
     assert logits.shape == (1, 1, 256, 256)
 
 
+# -- our two additions: the drawn prompt on the template tokens, and the head's priors -------------------------
+def test_prompt_map_draws_each_prompt_kind(tiny):
+    encoder = tiny[0].prompt_encoder
+    box = encoder.prompt_map(Prompt.bbox([[10.0, 20.0, 40.0, 60.0]]))
+    expected = torch.zeros(256, 256)
+    expected[20:61, 10:41] = 1
+    assert box.shape == (1, 2, 256, 256) and torch.equal(box[0, 0], expected) and not box[0, 1].any()
+    clicks = encoder.prompt_map(Prompt.click([[[100.0, 50.0], [30.0, 200.0]]], [[1, 0]]))
+    assert float(clicks[0, 0, 50, 100]) == pytest.approx(1.0) and float(clicks[0, 1, 200, 30]) == pytest.approx(1.0)
+    assert float(clicks[0, 0, 200, 30]) < 1e-6 and float(clicks[0, 0, 50, 130]) < 1e-3  # 30 px = 5 sigma away
+    padded = encoder.prompt_map(Prompt.doodle([[[100.0, 50.0], [0.0, 0.0]]], [[1, -1]]))
+    assert not padded[0, 1].any() and float(padded[0, 0, 0, 0]) < 1e-6  # padding draws nothing
+    mask = (torch.rand(1, 1, 256, 256) > 0.5).float()
+    assert torch.equal(encoder.prompt_map(Prompt.seglab(mask))[:, :1], mask)
+
+
+def test_prompt_map_starts_as_the_paper_model(tiny):
+    """The drawn prompt enters through zero-initialised projections: untrained, it changes nothing."""
+    paper = tiny_model().eval()
+    drawn = OnePromptModel(tiny_encoder(), embed_dim=64, levels=SMALL_LEVELS, mlp_dim=128, prompt_map=True).eval()
+    missing, unexpected = drawn.load_state_dict(paper.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("prompt_map_proj.") for k in missing) and missing
+    _, query, template, _, _ = tiny
+    prompt = Prompt.bbox([[70.0, 80.0, 130.0, 140.0]])
+    with torch.no_grad():
+        assert torch.allclose(paper(query, template, prompt), drawn(query, template, prompt), atol=1e-6)
+
+
+def test_head_priors_carry_the_prompt_and_its_prototype(tiny):
+    model = tiny_model(additions=True).eval()
+    image, mask = disk_image(100, 110)
+    feats = model.encode(image)
+    prompt = Prompt.bbox([[80.0, 90.0, 120.0, 130.0]])
+    priors = model.prompt_priors(feats, feats, model.prompt_encoder.prompt_map(prompt), 128)
+    assert priors.shape == (1, 3, 128, 128)
+    assert float(priors[0, 0, 55, 50]) == 1.0 and float(priors[0, 0, 10, 10]) == 0.0  # the box, at half size
+    similar_inside, similar_outside = priors[0, 1][mask[0, 0, ::2, ::2] > 0], priors[0, 1][mask[0, 0, ::2, ::2] == 0]
+    assert float(similar_inside.mean()) > float(similar_outside.mean())  # the query's disk is like the prompted one
+
+
 # -- learning -------------------------------------------------------------------------------------------------
-def test_the_decoder_overfits_one_template_query_pair():
+@pytest.mark.parametrize("additions", [False, True], ids=["paper", "with_additions"])
+def test_the_decoder_overfits_one_template_query_pair(additions):
     """Template: disk at (100, 110), clicked at its centre; query: the disk moved to (140, 150). 50 steps."""
-    model = tiny_model()
+    model = tiny_model(additions=additions)
     image_t, _ = disk_image(100, 110)
     image_q, mask_q = disk_image(140, 150, seed=1)
     query, template = model.encode(image_q), model.encode(image_t)

@@ -84,7 +84,8 @@ class OnePromptModel(nn.Module):
     def __init__(self, image_encoder: nn.Module, embed_dim: int = 128,
                  levels: Sequence[Tuple[str, int]] = DEFAULT_LEVELS,
                  head_skips: Sequence[str] = DEFAULT_HEAD_SKIPS, num_heads: int = 4, mlp_dim: int = 512,
-                 image_size: int = 256, seglab: Optional[SegLabAutoencoder] = None) -> None:
+                 image_size: int = 256, seglab: Optional[SegLabAutoencoder] = None,
+                 prompt_map: bool = False, head_priors: bool = False) -> None:
         """
         image_encoder: a TinyViTImageEncoder (wrapped in TinyViTFeatures), or any module mapping (B, 3, S, S)
             images to a dict of NCHW feature maps with `feature_channels` and `feature_strides` dicts.
@@ -95,6 +96,17 @@ class OnePromptModel(nn.Module):
         num_heads, mlp_dim: the Former blocks' attention heads and FFN width.
         image_size: S, the encoder's input side (prompt coordinates are pixels of this frame).
         seglab: a trained SegLab autoencoder for SegLab prompts (optional, frozen).
+        prompt_map: also add the prompt, drawn on the template (PromptEncoder.prompt_map) and pooled to each
+            level's grid, to the template tokens through a 1 x 1 projection (zero at initialisation), as SAM adds
+            a mask prompt's dense embedding to its image tokens. Not in the paper: there, where the prompt is
+            reaches the decoder only through p1, p2 compared with query tokens (eqs. 1-2), i.e. only where the
+            template and the query are aligned; trained on our data without it, the decoder did not learn.
+        head_priors: give the head two maps computed from the drawn prompt (no parameters): where the prompt
+            is, carried over to the query frame (medical templates and queries are mostly aligned), and the
+            query's cosine similarity to the prompted template features (the template "neck" averaged under
+            the drawn prompt: the prototype of PerSAM and PANet), plus the similarity to the unprompted rest.
+            A 1 x 1 projection adds them to the head's finest map. Not in the paper (it does not describe its
+            head): on our CPU budget the decoder did not learn without a direct path from prompt to output.
         """
         super().__init__()
         if isinstance(image_encoder, TinyViTImageEncoder):
@@ -110,6 +122,12 @@ class OnePromptModel(nn.Module):
         self.prompt_encoder = PromptEncoder(embed_dim, (image_size, image_size), seglab)
         self.level_proj = nn.ModuleList(
             nn.Sequential(nn.Linear(channels[name], embed_dim), nn.LayerNorm(embed_dim)) for name, _ in self.levels)
+        self.prompt_map = bool(prompt_map)
+        self.prompt_map_proj = nn.ModuleList(nn.Linear(2, embed_dim) for _ in self.levels) if prompt_map else None
+        if self.prompt_map_proj is not None:
+            for proj in self.prompt_map_proj:
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
         self.blocks = nn.ModuleList(
             OnePromptFormerBlock(embed_dim, (grid, grid), num_heads, mlp_dim) for _, grid in self.levels)
         # Head.
@@ -125,6 +143,8 @@ class OnePromptModel(nn.Module):
                                               LayerNorm2d(out), nn.GELU()))
             self.skip_proj.append(nn.Conv2d(channels[name], out, 1))
             side, width = target, out
+        self.head_priors = bool(head_priors)
+        self.prior_proj = nn.Conv2d(3, width, 1) if head_priors else None
         self.mask_head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, 1, 1))
 
     # -- modes and bookkeeping ------------------------------------------------------------------------------
@@ -168,13 +188,22 @@ class OnePromptModel(nn.Module):
         """Mask logits (B, 1, S, S) for B queries. query_features from `encode`; template_features likewise,
         for B templates or one shared by all queries; prompt: a Prompt on the template(s), or its (p1, p2)."""
         p1, p2 = self.prompt_encoder(prompt) if isinstance(prompt, Prompt) else prompt
+        drawn = None
+        if self.prompt_map or self.head_priors:
+            if not isinstance(prompt, Prompt):
+                raise ValueError("a model with prompt_map=True needs the Prompt, not its (p1, p2)")
+            drawn = self.prompt_encoder.prompt_map(prompt)  # (B_t, 2, S, S)
         e_s = pe_prev = None
         batch = None
         for level, block in enumerate(self.blocks):
             grid = self.levels[level][1]
             e_q = self.level_tokens(query_features, level)
             batch = e_q.shape[0]
-            e_t = self.level_tokens(template_features, level).expand(batch, -1, -1)
+            e_t = self.level_tokens(template_features, level)
+            if self.prompt_map:
+                cells = F.adaptive_avg_pool2d(drawn.to(e_t.dtype), grid).flatten(2).transpose(1, 2)
+                e_t = e_t + self.prompt_map_proj[level](cells)
+            e_t = e_t.expand(batch, -1, -1)
             pe = self.grid_pe(grid)
             if e_s is None:  # the first block decodes the down-sampled query feature itself
                 e_s, pe_prev = e_q, pe
@@ -185,11 +214,34 @@ class OnePromptModel(nn.Module):
         for name, up, proj in zip(self.head_skips, self.upscale, self.skip_proj):
             skip = query_features[name].to(x.device, x.dtype)
             x = up(x) + proj(skip)
+        if self.head_priors:
+            x = x + self.prior_proj(self.prompt_priors(query_features, template_features, drawn, x.shape[-1]))
         logits = self.mask_head(x)
         if logits.shape[-1] != self.image_size:
             logits = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False)
         return logits
+
+    def prompt_priors(self, query_features: Dict[str, Tensor], template_features: Dict[str, Tensor],
+                      drawn: Tensor, side: int) -> Tensor:
+        """(B, 3, side, side): the drawn prompt's positive-minus-negative map resized to the head's grid, and
+        the query's cosine similarity to the prompted and to the unprompted template "neck" features."""
+        q = query_features["neck"].float()
+        t = template_features["neck"].float().to(q.device)
+        cells = F.adaptive_avg_pool2d(drawn.float().to(q.device), t.shape[-1])  # (B_t, 2, h, w)
+        inside = cells[:, :1]
+        outside = 1 - inside
+        proto_in = (t * inside).sum((2, 3)) / inside.sum((2, 3)).clamp_min(1e-6)  # (B_t, C)
+        proto_out = (t * outside).sum((2, 3)) / outside.sum((2, 3)).clamp_min(1e-6)
+        qn = F.normalize(q, dim=1)
+        sim_in = torch.einsum("bchw,bc->bhw", qn, F.normalize(proto_in, dim=1).expand(q.shape[0], -1))
+        sim_out = torch.einsum("bchw,bc->bhw", qn, F.normalize(proto_out, dim=1).expand(q.shape[0], -1))
+        location = (drawn[:, :1] - drawn[:, 1:]).float().to(q.device).expand(q.shape[0], -1, -1, -1)
+        maps = torch.cat([F.interpolate(location, size=(side, side), mode="area"),
+                          F.interpolate(torch.stack([sim_in, sim_out], 1), size=(side, side), mode="bilinear",
+                                        align_corners=False)], 1)
+        dtype = self.prior_proj.weight.dtype
+        return maps.to(dtype)
 
     def predict(self, query_images: Tensor, template_images: Tensor,
                 prompt: Union[Prompt, Tuple[Tensor, Tensor]]) -> Tensor:

@@ -209,6 +209,37 @@ class PromptEncoder(nn.Module):
         pooled = self.seglab_norm(self.seglab_pool(self.seglab_query, tokens, tokens))  # (B, 1, C)
         return pooled, pooled
 
+    def prompt_map(self, prompt: Prompt, sigma: float = 6.0) -> Tensor:
+        """The prompt drawn on the template frame, (B, 2, H, W): channel 0 where the user said "this",
+        channel 1 where they said "not this". Clicks and doodle points are Gaussian spots (sigma pixels, 1 at
+        the point; doodles at sigma / 2, so a stroke stays a stroke); a box is its filled rectangle; a SegLab
+        mask is itself. Used only by a model built with `prompt_map=True` (model.py says why)."""
+        h, w = self.input_image_size
+        device = self.point_embeddings.weight.device
+        if prompt.kind == "bbox":
+            boxes = prompt.boxes.to(device, torch.float32).reshape(-1, 4)
+            ys = torch.arange(h, device=device, dtype=torch.float32)[None, :, None]
+            xs = torch.arange(w, device=device, dtype=torch.float32)[None, None, :]
+            inside = ((xs >= boxes[:, 0, None, None]) & (xs <= boxes[:, 2, None, None])
+                      & (ys >= boxes[:, 1, None, None]) & (ys <= boxes[:, 3, None, None]))
+            return torch.stack([inside.float(), torch.zeros_like(inside, dtype=torch.float32)], 1)
+        if prompt.kind == "seglab":
+            mask = prompt.mask.to(device, torch.float32).reshape(-1, 1, h, w)
+            return torch.cat([mask, torch.zeros_like(mask)], 1)
+        spread = sigma if prompt.kind == "click" else sigma / 2
+        points = prompt.points.to(device, torch.float32)  # (B, K, 2)
+        labels = prompt.labels.to(device)
+        ys = torch.arange(h, device=device, dtype=torch.float32)
+        xs = torch.arange(w, device=device, dtype=torch.float32)
+        gy = torch.exp(-(ys[None, None, :] - points[..., 1:]) ** 2 / (2 * spread ** 2))  # (B, K, H)
+        gx = torch.exp(-(xs[None, None, :] - points[..., :1]) ** 2 / (2 * spread ** 2))  # (B, K, W)
+        spots = gy[..., :, None] * gx[..., None, :]  # (B, K, H, W)
+        channels = []
+        for value in (1, 0):
+            chosen = (labels == value).float()[..., None, None]
+            channels.append((spots * chosen).amax(1))
+        return torch.stack(channels, 1)
+
     def forward(self, prompt: Prompt) -> Tuple[Tensor, Tensor]:
         """-> p1, p2, each (B, 1, C)."""
         if prompt.kind == "click":
