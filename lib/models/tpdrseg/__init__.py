@@ -1,9 +1,15 @@
-"""TP-DRSeg groundwork (issue 6): lesion descriptions, frozen text encoders (MiniLM offline default, CLIP from local
-weights), and the explicit prior map. Nothing here imports torchvision, timm, open_clip or sentence-transformers."""
+"""TP-DRSeg (issue 6): lesion descriptions, frozen text encoders (MiniLM offline default, CLIP from local weights),
+the explicit prior map, and the model (explicit prior encoder, prior-aligned injectors, class-specific prompt
+generator, SAM decoder: `model.py`). Nothing here imports torchvision, timm, open_clip or sentence-transformers."""
 
 from .descriptions import DEFAULT_LESIONS_FILE, LesionCatalogue, LesionClass, normalise
-from .prior import explicit_prior
 from .text_encoder import CLIPTextEncoder, MiniLMTextEncoder, build_text_encoder
+from .prior_encoder import ExplicitPriorEncoder, minmax_maps, similarity_maps
+from .injector import PriorAlignedInjector
+from .prompt_generator import ClassPromptGenerator
+from .model import TPDRSeg, build_tpdrseg
+from .prior import explicit_prior
 
 __all__ = ["DEFAULT_LESIONS_FILE", "LesionCatalogue", "LesionClass", "normalise", "explicit_prior",
-           "CLIPTextEncoder", "MiniLMTextEncoder", "build_text_encoder"]
+           "CLIPTextEncoder", "MiniLMTextEncoder", "build_text_encoder", "ExplicitPriorEncoder", "minmax_maps",
+           "similarity_maps", "PriorAlignedInjector", "ClassPromptGenerator", "TPDRSeg", "build_tpdrseg"]
