@@ -14,8 +14,10 @@ from monailabel.interfaces.config import TaskConfig  # noqa: E402
 from lib.configs.litemedsam import LiteMedSAMConfig  # noqa: E402
 from lib.configs.meta_sam import MetaSAMConfig  # noqa: E402
 from lib.configs.msa import MSAConfig  # noqa: E402
+from lib.configs.oneprompt import OnePromptConfig  # noqa: E402
 from lib.configs.settings import load_settings, resolve_path  # noqa: E402
 from lib.errors import not_found  # noqa: E402
+from lib.infers.oneprompt_prompts import resolve_label_tags  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ class PromptableSAMApp(MONAILabelApp):
             adapters = MSAConfig()  # MSA adapters on this model's frozen backbone
             adapters.init(f"{name}_msa", model_dir, conf, None, base=config)
             self.task_configs.update({name: config, f"{name}_msa": adapters})
+        oneprompt = OnePromptConfig()  # One-Prompt on LiteMedSAM's encoder (shared with the litemedsam model)
+        oneprompt.init("oneprompt", model_dir, conf, None, base=bases["litemedsam"])
+        self.task_configs["oneprompt"] = oneprompt
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Promptable medical SAM",
                          description="Click, box or prompt medical images with SAM-family foundation models",
                          version="0.1.0")
@@ -57,4 +62,5 @@ class PromptableSAMApp(MONAILabelApp):
             store = datastore or self.datastore()
             if not store.get_image_uri(image):
                 raise not_found(f"unknown image {image!r}: it is not in the datastore")
+            resolve_label_tags(request, store)  # One-Prompt's SegLab/doodle prompts may name a label tag ("final")
         return super().infer(request, datastore)

@@ -7,9 +7,15 @@ request that needs the same key (two fast clicks on a fresh slice encode it once
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
+
+from ..errors import RequestError
+
+logger = logging.getLogger(__name__)
 
 
 class LRUCache:
@@ -70,3 +76,29 @@ class LRUCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+
+class LazyModel:
+    """A model built on first use, once, thread-safely: the app starts without loading weights (MONAI Label also
+    rebuilds the app in its training subprocess), and a failure to load (missing or corrupt weights) is a 503
+    that names the cause and is retried at the next request."""
+
+    def __init__(self, factory: Callable[[Any], Any], device, what: str = "model"):
+        self.factory, self.device, self.what = factory, device, what
+        self._model = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._model is None:
+                start = time.perf_counter()
+                try:
+                    self._model = self.factory(self.device).eval()
+                except RequestError:
+                    raise
+                except Exception as e:
+                    logger.exception(f"{self.what} could not be loaded")
+                    raise RequestError(503, f"the {self.what} could not be loaded: {e}") from e
+                logger.info(f"Loaded {type(self._model).__name__} on {self.device} in "
+                            f"{time.perf_counter() - start:.1f}s")
+            return self._model

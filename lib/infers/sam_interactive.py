@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from typing import Any, Callable, Dict, Tuple, Union
 
@@ -17,10 +16,10 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from ..errors import RequestError, bad_request, not_found
+from ..errors import bad_request, not_found
 from ..transforms.geometry import in_plane_axes
 from ..volumes import LoadedImage, load_image, fingerprint, write_label
-from .cache import LRUCache
+from .cache import LazyModel, LRUCache
 from ..trainers.label_store import LabelStore
 from .predictor import ObjectMemory, PredictorSettings, PromptPredictor
 from .prompts import parse_prompt
@@ -61,8 +60,7 @@ class SamInteractiveInfer(InferTask):
         self.objects = ObjectMemory()
         self.prompt_store = prompt_store
         self.settings = settings
-        self._model = None
-        self._model_lock = threading.Lock()
+        self.lazy_model = LazyModel(model_factory, self.device, "model")
 
     @classmethod
     def from_settings(cls, model_factory, description: str, settings: dict,
@@ -85,16 +83,7 @@ class SamInteractiveInfer(InferTask):
 
     @property
     def model(self) -> torch.nn.Module:
-        with self._model_lock:
-            if self._model is None:
-                start = time.perf_counter()
-                try:
-                    self._model = self.model_factory(self.device).eval()
-                except Exception as e:  # a missing or corrupt checkpoint: say so, and try again next request
-                    logger.exception("model could not be loaded")
-                    raise RequestError(503, f"the model could not be loaded: {e}") from e
-                logger.info(f"Loaded {type(self._model).__name__} on {self.device} in {time.perf_counter() - start:.1f}s")
-            return self._model
+        return self.lazy_model.get()
 
     def learned_encoder(self, label: str | None, prompt, choice: str):
         """The label's learned prompt encoder (SAMassist) when it should answer this prompt, else None (vanilla).
