@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--time-budget", type=float, default=None, help="seconds of decoder training (stops early)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop at this step, keeping the schedule of --steps (replays a time-budgeted run exactly)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="checkpoints folder (default <data>/train)")
     p.add_argument("--out", default=os.path.join(REPO, "lib", "models", "oneprompt", "weights",
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     sampler = op.TaskSampler(store, seed=args.seed)
     source = op.PairSource(cache, None)
     config = op.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                            time_budget=args.time_budget, seed=args.seed)
+                            time_budget=args.time_budget, stop_at=args.stop_at, seed=args.seed)
     history = op.train_decoder(model, sampler, source, config, checkpoint=os.path.join(work, "decoder.ckpt"),
                                log=lambda m: print(m, flush=True))
     losses = history["losses"]

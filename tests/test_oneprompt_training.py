@@ -166,6 +166,7 @@ def test_twenty_training_steps_lower_the_loss(tmp_path):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
     state = torch.load(ckpt, weights_only=False)
     assert state["history"]["step"] == 20 and not any(k.startswith("image_encoder.") for k in state["model"])
+    assert "prompt_encoder.seglab_query" in state["model"]  # the SegLab pooling is trained here: it is saved
     # resuming a finished run does nothing more
     again = op.train_decoder(tiny_model(), sampler, source, config, checkpoint=ckpt, log=lambda m: None)
     assert again["step"] == 20 and len(again["losses"]) == 20

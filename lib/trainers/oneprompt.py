@@ -498,10 +498,12 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, max_weight: fl
 
 
 def trainable_state(model: OnePromptModel, dtype: Optional[torch.dtype] = None) -> dict:
-    """Decoder + prompt encoder parameters and buffers (everything but the frozen image encoder and SegLab)."""
+    """Decoder + prompt encoder parameters and buffers: everything but the frozen image encoder. (The SegLab
+    autoencoder is held outside the module tree and saved on its own; the prompt encoder's SegLab pooling layers,
+    `prompt_encoder.seglab_*`, are trained here and belong in this state.)"""
     out = {}
     for k, v in model.state_dict().items():
-        if k.startswith("image_encoder.") or ".seglab." in k or k.startswith("prompt_encoder.seglab"):
+        if k.startswith("image_encoder."):
             continue
         out[k] = v.detach().to(dtype) if (dtype is not None and v.is_floating_point()) else v.detach().clone()
     return out
@@ -521,6 +523,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 50
     time_budget: Optional[float] = None  # seconds; training stops early (the schedule keeps its length)
+    stop_at: Optional[int] = None  # step; training stops there (the schedule keeps its length): replays a run
+    # that its time budget stopped, step for step
     levels: Sequence[str] = ("high", "medium", "low")
     log_every: int = 20
     checkpoint_every: int = 100
@@ -577,7 +581,7 @@ def train_decoder(model: OnePromptModel, sampler: TaskSampler, source, config: T
     start = time.perf_counter()
     seconds_before = history["seconds"]
     window: List[float] = []
-    while history["step"] < config.steps:
+    while history["step"] < min(config.steps, config.stop_at or config.steps):
         if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
             log(f"time budget reached at step {history['step']}")
             break

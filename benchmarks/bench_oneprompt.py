@@ -1,0 +1,155 @@
+"""One-Prompt: held-out Dice per prompt kind against two baselines run in the same script, and CPU time per slice
+and per volume.
+
+    .venv/bin/python scripts/build_oneprompt_data.py          # once, ~20 s: data/oneprompt/
+    .venv/bin/python benchmarks/bench_oneprompt.py [--weights PATH] [--json out.json] [--templates 1]
+
+Dice: every held-out task of data/oneprompt (tasks no training step saw: six AAL structure pairs, all INIA19
+macaque regions, the nuclei), each query of its test split given each template of its template split with an
+oracle prompt of each kind (lib.trainers.oneprompt.evaluate). Baselines: (a) frozen LiteMedSAM given the template's
+prompt copied onto the query (the box; the click as a point; the doodle's box), (b) the training-free prototype
+(masked average of the template's encoder features under its mask, cosine similarity on the query, threshold
+calibrated on training tasks). Reported per task group and overall (tasks weighted equally).
+
+Time: the encoder and the decoder per slice against LiteMedSAM (encoder + box decoder) in the same run, and a
+whole Colin27 volume (181 axial slices) through the served task (lib/infers/oneprompt.py: register a template,
+then `segment`), with and without the slices' features cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from lib.configs.oneprompt import DEFAULT_WEIGHTS, load_oneprompt  # noqa: E402
+from lib.infers.oneprompt import OnePromptInfer  # noqa: E402
+from lib.infers.oneprompt_templates import TemplateStore  # noqa: E402
+from lib.models.oneprompt import Prompt  # noqa: E402
+from lib.models.oneprompt.prompt_encoder import PROMPT_KINDS  # noqa: E402
+from lib.models.sam import build_litemedsam  # noqa: E402
+from lib.trainers import oneprompt as op  # noqa: E402
+
+from bench_models import median_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
+
+DATA = os.path.join(REPO, "data", "oneprompt")
+SAMPLE = os.path.join(REPO, "sample-data")
+
+
+def group_of(task: str) -> str:
+    return {"colin27_aal": "AAL structures (Colin27)", "inia19_neuromaps": "macaque regions (INIA19)",
+            "nuclei_dsb": "nuclei (microscopy)"}.get(task.split("/")[0], task.split("/")[0])
+
+
+def dice_tables(result: dict) -> dict:
+    columns = [*PROMPT_KINDS, *(f"litemedsam_{k}" for k in PROMPT_KINDS), "prototype"]
+    groups: dict = {}
+    for task, row in result["per_task"].items():
+        groups.setdefault(group_of(task), []).append(row)
+    groups["all held-out tasks"] = list(result["per_task"].values())
+    return {g: {"tasks": len(rows), **{c: float(np.mean([r[c] for r in rows if c in r])) for c in columns}}
+            for g, rows in groups.items()}
+
+
+def markdown(tables: dict) -> str:
+    lines = ["| tasks | prompt | One-Prompt (ours) | LiteMedSAM, template prompt copied | prototype |",
+             "|---|---|---:|---:|---:|"]
+    for group, row in tables.items():
+        for kind in PROMPT_KINDS:
+            lines.append(f"| {group} ({row['tasks']}) | {kind} | {row[kind]:.3f} | {row[f'litemedsam_{kind}']:.3f} "
+                         f"| {row['prototype']:.3f} |")
+    return "\n".join(lines)
+
+
+def time_slices(model, sam) -> dict:
+    image = torch.rand(1, 3, 256, 256)
+    feats = model.encode(image)
+    out = {"oneprompt_encoder_ms": median_ms(lambda: model.encode(image), 5, 1)}
+    prompts = {"click": Prompt.click([[[120.0, 130.0]]], [[1]]), "bbox": Prompt.bbox([[90.0, 100.0, 150.0, 160.0]])}
+    with torch.inference_mode():
+        for kind, prompt in prompts.items():
+            out[f"oneprompt_decoder_{kind}_ms"] = median_ms(lambda: model(feats, feats, prompt), 10, 1)
+        embedding = sam.image_encoder(image)
+        out["litemedsam_encoder_ms"] = median_ms(lambda: sam.image_encoder(image), 5, 1)
+        out["litemedsam_decoder_box_ms"] = median_ms(
+            lambda: sam.decode(embedding, boxes=torch.tensor([[90.0, 100.0, 150.0, 160.0]])), 10, 1)
+    out["ratio_per_slice"] = ((out["oneprompt_encoder_ms"] + out["oneprompt_decoder_bbox_ms"])
+                              / (out["litemedsam_encoder_ms"] + out["litemedsam_decoder_box_ms"]))
+    return out
+
+
+def time_volume(model) -> dict:
+    """Register a box template on Colin27's largest Putamen_L slice, then segment the whole volume twice."""
+    import nibabel as nib
+
+    image = os.path.join(SAMPLE, "colin27_t1.nii.gz")
+    label = np.asarray(nib.load(os.path.join(SAMPLE, "labels", "final", "colin27_t1.nii.gz")).dataobj).round()
+    with open(os.path.join(SAMPLE, "labels", "colin27_aal_names.json")) as f:
+        value = {name: int(v) for v, name in json.load(f).items()}["Putamen_L"]
+    k = int(np.argmax((label == value).sum((0, 1))))
+    i, j = np.nonzero(label[:, :, k] == value)
+    with tempfile.TemporaryDirectory() as tmp:
+        task = OnePromptInfer(lambda device: model, TemplateStore(tmp), feature_cache_size=256, progress_every=1000)
+        task({"image": image, "mode": "register", "label": "Putamen_L",
+              "roi": [int(i.min()), int(i.max()), int(j.min()), int(j.max()), k, k]})
+        t = time.perf_counter()
+        _, first = task({"image": image, "template": "Putamen_L"})
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        _, again = task({"image": image, "template": "Putamen_L"})
+        warm = time.perf_counter() - t
+    truth = label == value
+    shape = truth.shape
+    return {"slices": shape[2], "encoded_slices": first["encoder_runs"], "cold_s": cold, "cold_s_per_slice":
+            cold / shape[2], "features_cached_s": warm, "labelled_slices": first["labelled_slices"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS)
+    p.add_argument("--templates", type=int, default=None, help="templates per held-out task (default: all, 2)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-volume", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not os.path.exists(os.path.join(DATA, "manifest.json")):
+        print("data/oneprompt is missing: run scripts/build_oneprompt_data.py first", file=sys.stderr)
+        return 2
+    model = load_oneprompt(args.weights, torch.device("cpu"))
+    sam = build_litemedsam().eval()
+    store = op.SampleStore(DATA)
+    cache = op.FeatureCache(os.path.join(DATA, "features"), store, views=1)
+    cache.build(model)  # clean views only; already there after training
+    report = {"weights": os.path.relpath(args.weights, REPO), "threads": args.threads,
+              "date": time.strftime("%Y-%m-%d")}
+    t = time.perf_counter()
+    threshold = op.calibrate_prototype_threshold(store, cache, max_tasks=20)
+    result = op.evaluate(model, store, cache, sam=sam, prototype_threshold=threshold, max_templates=args.templates,
+                         log=lambda m: print(m, flush=True))
+    report["dice"] = dice_tables(result)
+    report["dice_seconds"] = time.perf_counter() - t
+    report["prototype_threshold"] = threshold
+    print(markdown(report["dice"]))
+    report["slice_timing"] = time_slices(model, sam)
+    print(json.dumps(report["slice_timing"], indent=1))
+    if not args.skip_volume:
+        report["volume_timing"] = time_volume(model)
+        print(json.dumps(report["volume_timing"], indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
