@@ -5,7 +5,7 @@ Stages (each resumable): feature cache (frozen LiteMedSAM encoder, clean + augme
 autoencoder -> decoder + prompt encoder -> evaluation on held-out tasks (with the frozen LiteMedSAM and prototype
 baselines) -> weights file lib/models/oneprompt/weights/oneprompt_litemedsam.pt + a JSON beside it.
 
-    nice -n 19 .venv/bin/python scripts/train_oneprompt.py --steps 1000 --batch-size 8 --time-budget 2100
+    nice -n 19 .venv/bin/python scripts/train_oneprompt.py --steps 1000 --batch-size 8 --warmup 50   # the shipped weights
     nice -n 19 .venv/bin/python scripts/train_oneprompt.py --only cache       # just build the feature cache
 """
 
