@@ -16,6 +16,7 @@ from lib.configs.meta_sam import MetaSAMConfig  # noqa: E402
 from lib.configs.msa import MSAConfig  # noqa: E402
 from lib.configs.oneprompt import OnePromptConfig  # noqa: E402
 from lib.configs.settings import load_settings, resolve_path  # noqa: E402
+from lib.configs.tpdrseg import TPDRSegConfig  # noqa: E402
 from lib.errors import not_found  # noqa: E402
 from lib.infers.oneprompt_prompts import resolve_label_tags  # noqa: E402
 
@@ -38,6 +39,9 @@ class PromptableSAMApp(MONAILabelApp):
         oneprompt = OnePromptConfig()  # One-Prompt on LiteMedSAM's encoder (shared with the litemedsam model)
         oneprompt.init("oneprompt", model_dir, conf, None, base=bases["litemedsam"])
         self.task_configs["oneprompt"] = oneprompt
+        tpdrseg = TPDRSegConfig()  # TP-DRSeg on LiteMedSAM's frozen encoder (shared with the litemedsam model)
+        tpdrseg.init("tpdrseg", model_dir, conf, None, base=bases["litemedsam"])
+        self.task_configs["tpdrseg"] = tpdrseg
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Promptable medical SAM",
                          description="Click, box or prompt medical images with SAM-family foundation models",
                          version="0.1.0")

@@ -13,6 +13,11 @@ Sources (pinned; each extracted input file is checked against the SHA-256 below 
   * PyPI    scikit-image 0.26.0                   (pip download --no-deps): `skimage/data/retina.jpg`
   * PyPI    stardist 0.9.2                        (pip download --no-deps): `stardist/data/images/{img2d,mask2d}.tif`
 
+One file pair is SYNTHETIC (on a real background): `fundus_synthetic_lesions.png` + its 4-class lesion label, painted by
+lib/data/fundus_lesions.py on an augmented copy of `retina.jpg` with a fixed seed (TP-DRSeg's sample image). Only that
+pair: `python scripts/prepare_sample_data.py --fundus-only` (reads the installed scikit-image's retina.jpg,
+SHA-checked).
+
 Needs: apt-get (after `apt-get update`), dpkg-deb, pip, and numpy, scipy, scikit-image, nibabel, pydicom, Pillow,
 tifffile in the running interpreter (all in the project's pinned environment). Deterministic: gzip streams are written
 with mtime 0 and no file name, DICOM UIDs are derived from fixed strings, and nothing depends on the clock.
@@ -69,6 +74,10 @@ CT_FIRST_SLICE, CT_NUM_SLICES = 48, 60
 DICOM_FIRST_SLICE, DICOM_NUM_SLICES = 60, 8
 DICOM_SERIES_DIR = "head_ct_axial"
 RETINA_SIZE = 512
+# The synthetic-lesion fundus image: seeds numpy.random.SeedSequence([FUNDUS_SEED, FUNDUS_SPLIT, i]) for i = 0, 1, ...
+# and keeps the first image holding all four lesion classes. build_dataset (lib/data/fundus_lesions.py) only uses
+# splits 0 (train) and 1 (test), so split 2 never gives one of its training or held-out images, whatever its seed.
+FUNDUS_SEED, FUNDUS_SPLIT, FUNDUS_NAME = 0, 2, "fundus_synthetic_lesions.png"
 
 
 def sha256(path: str) -> str:
@@ -405,6 +414,40 @@ def prepare_nuclei(paths: dict, out: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# 5. Fundus photograph with SYNTHETIC diabetic-retinopathy lesions (real background) + 4-class lesion label
+
+
+def prepare_fundus_lesions(paths: dict, out: str) -> dict:
+    """Lesions painted by lib/data/fundus_lesions.py (as scripts/build_fundus_data.py does) on an augmented copy of
+    retina.jpg; label 1 MA, 2 HE, 3 EX, 4 SE (configs/lesions.yaml), masks mutually exclusive."""
+    from PIL import Image
+
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from lib.data import fundus_lesions as fl
+
+    src = np.asarray(Image.open(paths["retina.jpg"]).convert("RGB"))
+    small = np.asarray(Image.fromarray(src).resize((640, 640), Image.LANCZOS))  # as build_dataset
+    fov = fl.field_of_view(small)
+    anatomy = fl.detect_anatomy(small, fov)
+    for i in range(100):
+        seed = int(np.random.SeedSequence([FUNDUS_SEED, FUNDUS_SPLIT, i]).generate_state(1)[0])
+        sample = fl.synthesize_image(small, fov, anatomy, seed, RETINA_SIZE)
+        if all(sample["info"]["pixels"][c] > 0 for c in fl.CLASSES):
+            break
+    else:
+        raise SystemExit("no synthetic fundus image with all four lesion classes in 100 seeds")
+    masks = sample["masks"]
+    assert not (masks.sum(0) > 1).any(), "lesion masks overlap"
+    label = np.zeros(masks.shape[1:], np.uint8)
+    for k in range(len(fl.CLASSES)):
+        label[masks[k]] = k + 1
+    write_png(os.path.join(out, FUNDUS_NAME), sample["image"])
+    write_png(os.path.join(out, "labels", "final", FUNDUS_NAME), label)
+    info = sample["info"]
+    return {"shape": sample["image"].shape, "index": i, "seed": seed, "severity": info["severity"],
+            "pixels": info["pixels"], "components": info["components"], "abbreviations": fl.ABBREVIATIONS,
+            "classes": fl.CLASSES, "augmentation": info["background"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,6 +472,11 @@ def write_readme(out: str, dicom_out: str, info: dict) -> None:
 
     f = lambda rel: _kb(os.path.join(out, rel))  # noqa: E731
     ct, colin, retina, nuclei = info["head_ct"], info["colin27"], info["retina"], info["nuclei"]
+    fundus = info["fundus_lesions"]
+    lesions = ", ".join(f"{k + 1} = {name.replace('_', ' ')} ({abbr}: {fundus['components'][name]} connected components, "
+                        f"{fundus['pixels'][name]:,} px)"
+                        for k, (name, abbr) in enumerate(zip(fundus["classes"], fundus["abbreviations"])))
+    aug = fundus["augmentation"]
     dx, dy, dz = ct["spacing"]
     k0, k1 = CT_FIRST_SLICE, CT_FIRST_SLICE + CT_NUM_SLICES - 1
     d0, d1 = DICOM_FIRST_SLICE, DICOM_FIRST_SLICE + DICOM_NUM_SLICES - 1
@@ -438,7 +486,9 @@ def write_readme(out: str, dicom_out: str, info: dict) -> None:
     text = f"""# Sample data
 
 Real medical images for the app's local datastore (`--studies sample-data`): images at the top level, ground truth in
-`labels/final/<same file name>` (same grid, integer labels). Everything here is generated from registry packages by
+`labels/final/<same file name>` (same grid, integer labels). One exception, marked **SYNTHETIC**:
+`{FUNDUS_NAME}` has painted diabetic-retinopathy lesions on a real (normal) fundus background.
+Everything here is generated from registry packages by
 [`scripts/prepare_sample_data.py`](../scripts/prepare_sample_data.py) (deterministic; `--check` rebuilds into a temporary
 folder and compares byte for byte) — **this README too: edit the script, not the files**. The app only reads the
 committed files and never runs the script.
@@ -457,6 +507,8 @@ Total size of the images and labels: {total / 2**20:.1f} MiB (+ {_size(dicom_out
 | `labels/final/retina.png` ({f("labels/final/retina.png")}) | label | same size, 8-bit grayscale | derived from `retina.png` | as the image | **Derived, not a lesion or vessel annotation** (none exists offline): 1 = camera field of view, 0 = black surround ({retina["fov_fraction"]:.0%} of the image is 1). Method below. |
 | `nuclei.png` ({f("nuclei.png")}) | fluorescence microscopy, stained nuclei (2018 Data Science Bowl / BBBC038) | {nuclei["shape"][1]}×{nuclei["shape"][0]} px, 8-bit grayscale (values {nuclei["range"][0]}–{nuclei["range"][1]}) | PyPI `stardist` {WHEELS["stardist"]}: `stardist/data/images/img2d.tif` (`stardist.data.test_image_nuclei_2d`) | BBBC038: CC0 1.0 (Broad Bioimage Benchmark Collection); package BSD-3-Clause | — (image; the TIFF is uint16 with values ≤ 255, stored as uint8 losslessly) |
 | `labels/final/nuclei.png` ({f("labels/final/nuclei.png")}) | label | same size, 8-bit grayscale | same wheel: `stardist/data/images/mask2d.tif` | as the image | **Real annotation** (DSB 2018 ground truth): instance ids, {nuclei["instances"]} nuclei, ids 1–{nuclei["max_id"]} (not contiguous), 0 = background; `> 0` gives the binary mask. Stored losslessly as uint8. |
+| `{FUNDUS_NAME}` ({f(FUNDUS_NAME)}) | colour fundus photograph with **SYNTHETIC** diabetic-retinopathy lesions on a real photograph of a normal eye (TP-DRSeg sample) | {fundus["shape"][1]}×{fundus["shape"][0]} px, RGB 8-bit (no physical spacing) | PyPI `scikit-image` {WHEELS["scikit-image"]}: `skimage/data/retina.jpg` (the photograph of `retina.png`); lesions painted by `lib/data/fundus_lesions.py` | background CC0 1.0 (as `retina.png`); lesions generated by this project | — (image; **SYNTHETIC lesions on a REAL background**, not a diabetic eye: an augmented copy of the normal retina, seed and method below) |
+| `labels/final/{FUNDUS_NAME}` ({f("labels/final/" + FUNDUS_NAME)}) | label | same size, 8-bit grayscale | generated with the image | as the image | **Exact masks of the painted (synthetic) lesions**, classes as `configs/lesions.yaml`: {lesions}; 0 = no lesion. Method below. |
 | `../sample-data-dicom/{DICOM_SERIES_DIR}/` ({_kb(dicom_dir)}, {DICOM_NUM_SLICES} files `IM0001.dcm`…) | CT, DICOM series (CT Image Storage, explicit VR little endian, uncompressed) | 256×256×{DICOM_NUM_SLICES}, {dx:g}×{dy:g}×{dz:g} mm | same as `head_ct.nii.gz` (slices {d0}–{d1} of the project = slices {d0 - k0}–{d1 - k0} of `head_ct.nii.gz`) | as `head_ct.nii.gz` | no label. **Real pixel data, regenerated headers** (see below). Kept outside `sample-data/` so the datastore does not list it. |
 
 ## How each file was made
@@ -504,6 +556,16 @@ component, holes filled; 1 = inside.
 **Nuclei.** `img2d.tif` (512×512 uint16, values {nuclei["range"][0]}–{nuclei["range"][1]}) and `mask2d.tif` (uint16 instance ids ≤ {nuclei["max_id"]})
 are cast to uint8 (exact, no rescaling) and saved as 8-bit grayscale PNGs.
 
+**Synthetic-lesion fundus (TP-DRSeg).** Made with `lib/data/fundus_lesions.py`, the generator of the synthetic
+training data in `data/fundus_lesions/` (`scripts/build_fundus_data.py`): `retina.jpg` resized to 640 px (LANCZOS), its
+field of view, optic disc and fovea found once, then `synthesize_image` draws one augmented {fundus["shape"][1]} px
+background (rotation {aug["angle_deg"]:g}°, mirrored left/right: {"yes" if aug["flip_lr"] else "no"}, zoom {aug["zoom"]:g},
+colour and illumination changes) and paints lesions ({fundus["severity"]} severity) keeping an exact mask of each; a
+lesion painted later removes its pixels from the other classes, so the label values do not overlap. Seed: numpy
+`SeedSequence([{FUNDUS_SEED}, {FUNDUS_SPLIT}, i])`, the first i whose image holds all four classes (i = {fundus["index"]}, seed
+{fundus["seed"]}). `build_dataset` only uses split ids 0 (train) and 1 (test), so this is none of its training or
+held-out images. The lesions are synthetic: numbers measured on this image say nothing about real DR images.
+
 ## Conventions
 
 * NIfTI files are read in their voxel order (i, j, k) with their affine (MONAI's `LoadImage` and Slicer both use it);
@@ -544,6 +606,7 @@ def build(out: str, dicom_out: str, cache: str, verify: bool) -> dict:
         "head_ct": prepare_head_ct(paths, out, dicom_out),
         "retina": prepare_retina(paths, out),
         "nuclei": prepare_nuclei(paths, out),
+        "fundus_lesions": prepare_fundus_lesions(paths, out),
     }
     write_readme(out, dicom_out, info)
     for k, v in info.items():
@@ -576,7 +639,21 @@ def main() -> int:
     ap.add_argument("--no-verify", action="store_true", help="build even if an input's SHA-256 differs")
     ap.add_argument("--check", action="store_true",
                     help="build into a temporary folder and compare with --out/--dicom-out instead of writing them")
+    ap.add_argument("--fundus-only", action="store_true",
+                    help=f"write only {FUNDUS_NAME} and its label into --out, from the installed scikit-image's "
+                         "retina.jpg (SHA-checked); the README is not rewritten")
     args = ap.parse_args()
+    if args.fundus_only:
+        if REPO not in sys.path:
+            sys.path.insert(0, REPO)
+        from lib.models.tpdrseg.weights_io import packaged_file
+
+        jpg = packaged_file("scikit-image", INPUTS["retina.jpg"][1])
+        if jpg is None or (sha256(str(jpg)) != INPUTS["retina.jpg"][2] and not args.no_verify):
+            raise SystemExit(f"installed scikit-image retina.jpg missing or not the expected file ({jpg})")
+        os.makedirs(os.path.join(args.out, "labels", "final"), exist_ok=True)
+        print(prepare_fundus_lesions({"retina.jpg": str(jpg)}, args.out))
+        return 0
     if not args.check:
         build(args.out, args.dicom_out, args.cache, not args.no_verify)
         return 0

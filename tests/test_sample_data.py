@@ -29,6 +29,8 @@ EXPECTED = {
     "head_ct.nii.gz": ((256, 256, 60), {0, 1, 2}),
     "retina.png": ((512, 512), {0, 1}),
     "nuclei.png": ((512, 512), None),  # instance ids: checked separately
+    # SYNTHETIC lesions on a real fundus background (TP-DRSeg): 1 MA, 2 HE, 3 EX, 4 SE, every class present
+    "fundus_synthetic_lesions.png": ((512, 512), {0, 1, 2, 3, 4}),
 }
 
 
@@ -77,9 +79,11 @@ def test_image_loads_and_label_matches_it(name):
 
 
 def test_png_modes():
-    with Image.open(os.path.join(SAMPLE, "retina.png")) as im:
-        assert im.mode == "RGB"
-    for path in ("nuclei.png", "labels/final/nuclei.png", "labels/final/retina.png"):
+    for path in ("retina.png", "fundus_synthetic_lesions.png"):
+        with Image.open(os.path.join(SAMPLE, path)) as im:
+            assert im.mode == "RGB", path
+    for path in ("nuclei.png", "labels/final/nuclei.png", "labels/final/retina.png",
+                 "labels/final/fundus_synthetic_lesions.png"):
         with Image.open(os.path.join(SAMPLE, path)) as im:
             assert im.mode == "L", path
 
