@@ -24,7 +24,8 @@ and kept in eval mode (its BatchNorms must not see training batches); so is an a
 
 Sizes and costs of the default configuration (measured on one CPU thread of the 2-core dev machine, float32):
 parameters 9.15 M = encoder 5.73 M (frozen) + decoder 3.35 M (of which the three Prompt-Parsers' w: 2.21 M)
-+ prompt encoder 0.08 M (+ 0.63 M in a SegLab autoencoder, frozen, held outside the module tree).
++ prompt encoder 0.08 M (+ 0.63 M in a SegLab autoencoder, frozen, held outside the module tree). Our two
+additions (`prompt_map`, `head_priors`; on in the shipped weights) add 1,280 parameters.
 Decoding one query (B = 1, features given): 0.11 s, peak live tensors 10 MB (largest: the head's 128 x 128
 map, 2 MiB). Encoding one 256 x 256 image: 1.3 s, peak 153 MB. One prediction from images: 1.4 s with the
 template's features cached, 2.7 s encoding both. One training step (B = 1, cached features): peak 79 MB.
