@@ -38,14 +38,21 @@ class AnnotatedSlice:
     role: str  # "train" or "validation"
 
 
-def int_field(request: dict, key: str, low: int, high: int) -> int:
+def number_field(request: dict, key: str, low: float, high: float, cast=float):
+    """request[key] as `cast` (int or float), within [low, high]; else a clear 400."""
     try:
-        value = int(request[key])
+        value = cast(request[key])
     except (TypeError, ValueError) as e:
-        raise TrainingRequestError(f"'{key}' must be an integer, got {request[key]!r}") from e
+        kind = "an integer" if cast is int else "a number"
+        raise TrainingRequestError(f"'{key}' must be {kind}, got {request[key]!r}") from e
     if not low <= value <= high:
-        raise TrainingRequestError(f"'{key}' must be between {low} and {high}, got {value}")
+        show = str if cast is int else (lambda v: f"{v:g}")
+        raise TrainingRequestError(f"'{key}' must be between {show(low)} and {show(high)}, got {show(value)}")
     return value
+
+
+def int_field(request: dict, key: str, low: int, high: int) -> int:
+    return number_field(request, key, low, high, int)
 
 
 def named_value(datastore, image_id: str, name: str) -> int | None:

@@ -32,28 +32,15 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monailabel.tasks.train.basic_train import Context
 
+from ..infers.sam_interactive import truthy
 from ..infers.tpdrseg import TPDRSegModels, finite, model_input, model_target, write_weights
 from ..volumes import IMAGE_2D_EXTENSIONS, load_image
 from . import tpdrseg as core
-from .label_task import LabelTrainTask, TrainingRequestError, int_field
+from .label_task import LabelTrainTask, TrainingRequestError, int_field, number_field
 
 logger = logging.getLogger(__name__)
 
 MAX_LESION_FRACTION = 0.25
-
-
-def _flag(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def _number(request: dict, key: str, low: float, high: float) -> float:
-    try:
-        value = float(request[key])
-    except (TypeError, ValueError) as e:
-        raise TrainingRequestError(f"'{key}' must be a number, got {request[key]!r}") from e
-    if not low <= value <= high:
-        raise TrainingRequestError(f"'{key}' must be between {low:g} and {high:g}, got {value:g}")
-    return value
 
 
 class TPDRSegTrainTask(LabelTrainTask):
@@ -76,11 +63,11 @@ class TPDRSegTrainTask(LabelTrainTask):
         settings = {"steps": int_field(request, "steps", 1, 1_000_000),
                     "batch_size": int_field(request, "batch_size", 1, 64),
                     "classes_per_image": int_field(request, "classes_per_image", 1, k),
-                    "lr": _number(request, "learning_rate", 0.0, 1.0),
-                    "weight_decay": _number(request, "weight_decay", 0.0, 10.0),
-                    "prior_loss_weight": _number(request, "prior_loss_weight", 0.0, 100.0),
-                    "flips": _flag(request["flips"]), "seed": int_field(request, "seed", 0, 2 ** 31),
-                    "gradient_checkpointing": _flag(request["gradient_checkpointing"])}
+                    "lr": number_field(request, "learning_rate", 0.0, 1.0),
+                    "weight_decay": number_field(request, "weight_decay", 0.0, 10.0),
+                    "prior_loss_weight": number_field(request, "prior_loss_weight", 0.0, 100.0),
+                    "flips": truthy(request["flips"]), "seed": int_field(request, "seed", 0, 2 ** 31),
+                    "gradient_checkpointing": truthy(request["gradient_checkpointing"])}
         init = str(request.get("init") or "served").lower()
         if init not in ("served", "scratch"):
             raise TrainingRequestError(f"'init' must be served or scratch, got {init!r}")
