@@ -231,9 +231,9 @@ def test_trainable_state_round_trip(tmp_path):
 def test_tiny_model_overfits_one_hard_exudate_mask():
     """Tiny random encoder (the real LiteMedSAM takes ~5 s per training step on one thread): a 64 px full-resolution
     crop of a synthetic image, hard exudates, AdamW; Dice > 0.7 after 100 steps (0.93 at 80 when measured)."""
-    from lib.data.fundus_lesions import load_dataset
+    from lib.data.fundus_lesions import ensure_dataset, load_dataset
 
-    images, masks, _ = load_dataset(trainer.DEFAULT_DATA, "train")
+    images, masks, _ = load_dataset(ensure_dataset(trainer.DEFAULT_DATA), "train")
     ex = masks[:, 2].astype(np.float32)
     # the 64 px window (on a 32 px grid) with the most exudate pixels
     win = ex.reshape(len(ex), 16, 32, 16, 32).sum((2, 4))

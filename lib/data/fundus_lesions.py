@@ -499,9 +499,31 @@ def save_dataset(data: Dict, out_dir: str | os.PathLike) -> Tuple[Path, Path]:
     return npz, man
 
 
+def ensure_dataset(out_dir: str | os.PathLike) -> Path:
+    """Build the default data set (60 train + 20 test, 512 px, seed 0; about 15 s) into `out_dir` unless it is there.
+    The data is generated, never committed, so a fresh clone (and CI) builds it on first use. Written to a sibling
+    folder and renamed, so an interrupted build never leaves a half-written data set behind."""
+    out = Path(out_dir)
+    if (out / "fundus_lesions.npz").is_file() and (out / "manifest.json").is_file():
+        return out
+    tmp = out.with_name(f"{out.name}.building-{os.getpid()}")
+    print(f"building the synthetic fundus-lesion data into {out} (about 15 s, once)", flush=True)
+    save_dataset(build_dataset(), tmp)
+    if out.exists():  # e.g. an empty folder, or one holding a preview: move the two files in, npz last
+        os.replace(tmp / "manifest.json", out / "manifest.json")
+        os.replace(tmp / "fundus_lesions.npz", out / "fundus_lesions.npz")
+        tmp.rmdir()
+    else:
+        os.replace(tmp, out)
+    return out
+
+
 def load_dataset(out_dir: str | os.PathLike, split: str = "train") -> Tuple[np.ndarray, np.ndarray, Dict]:
     """(images (N, H, W, 3) uint8, masks (N, 4, H, W) uint8, manifest) of a built data set."""
     out = Path(out_dir)
+    if not (out / "fundus_lesions.npz").is_file():
+        raise FileNotFoundError(f"{out}: no fundus_lesions.npz; build it with `python scripts/build_fundus_data.py "
+                                f"--out {out}` (or call ensure_dataset)")
     with np.load(out / "fundus_lesions.npz") as z:
         images, masks = z[f"{split}_images"], z[f"{split}_masks"]
     with open(out / "manifest.json") as f:

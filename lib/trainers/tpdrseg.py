@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.data.fundus_lesions import CLASSES, REPO_ROOT, load_dataset
+from lib.data.fundus_lesions import CLASSES, REPO_ROOT, ensure_dataset, load_dataset
 
 logger = logging.getLogger(__name__)
 DEFAULT_DATA = REPO_ROOT / "data" / "fundus_lesions"
@@ -183,6 +183,8 @@ def train(model, config: TrainConfig = TrainConfig()) -> Dict:
     """Train `model` (a TPDRSeg) on the synthetic data's train split; returns the history (and test metrics)."""
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
+    if Path(config.data_dir) == DEFAULT_DATA:
+        ensure_dataset(DEFAULT_DATA)
     images, masks, manifest = load_dataset(config.data_dir, "train")
     x_train, y_train = prepare_arrays(images, masks, model.image_size)
     test = None
