@@ -22,6 +22,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+def slice_values(data_dir: str, store, cache_dir=None) -> dict:
+    """{image key: label values on that slice} for every data set of the build (lib.data.oneprompt_tasks.
+    slice_label_values), cached in <data>/slice_values.json for this manifest (a few seconds to recompute)."""
+    from lib.data import oneprompt_tasks as tasks
+
+    path = os.path.join(data_dir, "slice_values.json")
+    manifest = store.manifest_hash()
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("manifest_sha256") == manifest:
+            return cached["values"]
+    params = store.manifest["parameters"]
+    built = {d["name"] if isinstance(d, dict) else d for d in store.manifest.get("datasets", [])}
+    values = {}
+    for spec in tasks.dataset_catalogue(tasks.SAMPLE_DATA, cache_dir or tasks.DEFAULT_CACHE):
+        if not built or spec.name in built:
+            values.update(tasks.slice_label_values(spec, params["size"], params["axes"]))
+    with open(path + ".tmp", "w") as f:
+        json.dump({"manifest_sha256": manifest, "values": values}, f)
+    os.replace(path + ".tmp", path)
+    return values
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join(REPO, "data", "oneprompt"))
@@ -44,6 +68,10 @@ def main(argv=None) -> int:
                    help="run the stages up to and including this one")
     p.add_argument("--eval-templates", type=int, default=None, help="templates per held-out task (default all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--absent-fraction", type=float, default=0.3,
+                   help="share of queries drawn from slices where the task's structure is absent (empty target; "
+                        "0: the paper's sampling, every query holds its structure)")
+    p.add_argument("--cache-dir", default=None, help="the package cache build_oneprompt_data.py used (default its)")
     p.add_argument("--paper-only", action="store_true",
                    help="the decoder without our two additions (prompt map on template tokens, head priors)")
     args = p.parse_args(argv)
@@ -93,7 +121,12 @@ def main(argv=None) -> int:
         return 0
 
     # 3. decoder
-    sampler = op.TaskSampler(store, seed=args.seed)
+    absent = {}
+    if args.absent_fraction:
+        absent = store.absent_queries(slice_values(args.data, store, args.cache_dir))
+        report["absent_queries"] = {"tasks": len(absent), "queries": sum(len(q) for q in absent.values())}
+        print(f"absent-structure queries: {report['absent_queries']}", flush=True)
+    sampler = op.TaskSampler(store, seed=args.seed, absent=absent, absent_fraction=args.absent_fraction)
     source = op.PairSource(cache, None)
     config = op.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                             time_budget=args.time_budget, stop_at=args.stop_at, seed=args.seed)

@@ -4,6 +4,7 @@ the learning-rate schedule, and a 20-step run on tiny synthetic tasks. CPU, one 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lib.models.oneprompt import OnePromptModel
@@ -170,3 +171,46 @@ def test_twenty_training_steps_lower_the_loss(tmp_path):
     # resuming a finished run does nothing more
     again = op.train_decoder(tiny_model(), sampler, source, config, checkpoint=ckpt, log=lambda m: None)
     assert again["step"] == 20 and len(again["losses"]) == 20
+
+
+def test_absent_queries_are_slices_without_the_structure_and_have_empty_targets():
+    """Queries where the task's structure is absent: drawn at the asked share, only from the task's own volume and
+    plane, only where the label slice has none of its value; their target is empty."""
+    rng = np.random.default_rng(0)
+    tasks = {"vol/disk/axial": {"role": "train", "modality": "MR", "dataset": "vol", "plane": "axial",
+                                "label_value": 1},
+             "vol/held/axial": {"role": "heldout", "modality": "MR", "dataset": "vol", "plane": "axial",
+                                "label_value": 2}}
+    samples, images, slice_values = [], {}, {}
+    for j in range(8):  # slices 0-3 hold the disk (value 1); 4-7 only the held-out structure (value 2)
+        key = f"vol/axial/{j}"
+        m = disk(128, 128, 20) if j < 4 else np.zeros((256, 256), np.uint8)
+        images[key] = (rng.normal(size=(1, 256, 256)) + m).astype(np.float32)
+        slice_values[key] = [1] if j < 4 else [2]
+        if j < 4:
+            samples.append(("vol/disk/axial", "template" if j < 2 else "train", key, m))
+        else:
+            samples.append(("vol/held/axial", "template" if j < 6 else "test", key, disk(60, 60, 12)))
+    images["other/axial/0"] = images["vol/axial/4"].copy()  # another volume: never a query for vol's tasks
+    slice_values["other/axial/0"] = []
+    store = op.SampleStore.from_samples(tasks, samples, images)
+    absent = store.absent_queries(slice_values)
+    assert set(absent) == {"vol/disk/axial"}  # held-out tasks never get training queries
+    assert [q.image_key for q in absent["vol/disk/axial"]] == [f"vol/axial/{j}" for j in range(4, 8)]
+    with pytest.raises(ValueError):
+        op.TaskSampler(store, absent=absent, absent_fraction=1.0)
+    sampler = op.TaskSampler(store, seed=0, absent=absent, absent_fraction=0.3)
+    draws = [sampler.draw()[0] for _ in range(2000)]
+    share = np.mean([isinstance(q, op.AbsentQuery) for q in draws])
+    assert 0.26 < share < 0.34
+    # the cache gives an absent query the image's features and an all-zero mask
+    model = tiny_model()
+    entry = {"features": {k: v.half() for k, v in model.encode(torch.from_numpy(op.to_unit(images["vol/axial/5"]))[None]).items()},
+             "image": torch.zeros(3, 256, 256, dtype=torch.uint8), "masks": {}}
+    cache = op.FeatureCache("unused", store)
+    cache._memo[("vol/axial/5", 0)] = entry
+    feats, _, mask = cache.item(op.AbsentQuery("vol/disk/axial", "vol/axial/5"), 0)
+    assert mask.shape == (256, 256) and not mask.any() and feats is entry["features"]
+    # and without absent queries the sampler draws exactly what it drew before (the shipped runs replay)
+    a, b = op.TaskSampler(store, seed=3), op.TaskSampler(store, seed=3, absent=absent, absent_fraction=0.0)
+    assert all(x[0] == y[0] and x[1] == y[1] for x, y in zip((a.draw() for _ in range(50)), (b.draw() for _ in range(50))))

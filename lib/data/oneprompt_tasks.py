@@ -696,6 +696,29 @@ def build_dataset(spec: DatasetSpec, size: int = SIZE, min_area: int = MIN_AREA,
     return DatasetBuild(spec, size, tasks, plans, images, candidates, dropped, shape, spacing)
 
 
+def slice_label_values(spec: DatasetSpec, size: int = SIZE, axes: str = "supplement") -> dict[str, list[int]]:
+    """{image key: the label values with any pixel on that slice at size x size}, for EVERY slice of a volume data
+    set (empty ones too), through the same transforms as `build_dataset`. Training uses it to draw queries where a
+    task's structure is absent (target: empty), so that the decoder learns "not on this slice". Instance data
+    (nuclei) gives {}: there every image holds the class."""
+    if spec.instances:
+        return {}
+    values = list(spec.classes)
+    data = volume_transforms(spec)({"image": spec.inputs["image"],
+                                    **{role: path for role, path in spec.inputs.items() if role != "image"},
+                                    "norm": spec.norm, "ct_window": spec.ct_window})
+    data = SelectLabelsd("label", values)(data)
+    slices = Compose([SliceVolumed(["image", "label"], axes=axes, skip_empty_key=None),
+                      Resized(["label"], spatial_size=(size, size), mode="nearest-exact")])(data)
+    if isinstance(slices, dict):
+        slices = [slices]
+    out = {}
+    for s in slices:
+        label = torch.as_tensor(s["label"]).as_subclass(torch.Tensor).round().long()
+        out[f"{spec.name}/{s['plane']}/{s['slice_index']}"] = [int(v) for v in torch.unique(label) if int(v) != 0]
+    return out
+
+
 def _with_split(plan: Plan, split: str) -> Plan:
     return Plan(plan.task, split, plan.image_key, plan.slice_index, plan.axis, plan.value, plan.instance,
                 plan.component, plan.n_components, plan.area, plan.bits)

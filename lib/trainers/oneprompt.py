@@ -71,6 +71,14 @@ class StoredSample:
         return np.unpackbits(self.bits, axis=-1, count=size)
 
 
+@dataclass(frozen=True)
+class AbsentQuery:
+    """A training query on which the task's structure is absent (its target is empty): a slice of the same volume
+    and plane that holds none of the structure's voxels."""
+    task: str
+    image_key: str
+
+
 class SampleStore:
     """All samples of a built data directory (see lib.data.oneprompt_tasks)."""
 
@@ -125,6 +133,21 @@ class SampleStore:
 
     def select(self, task: Optional[str] = None, split: Optional[str] = None) -> List[StoredSample]:
         return [s for s in self.samples if (task is None or s.task == task) and (split is None or s.split == split)]
+
+    def absent_queries(self, slice_values: Dict[str, Sequence[int]]) -> Dict[str, List[AbsentQuery]]:
+        """{training task: queries where its structure is absent}: the stored images of the task's volume and plane
+        (image keys "<dataset>/<plane>/<slice>") whose label slice has no pixel of the task's value, according to
+        `slice_values` (lib.data.oneprompt_tasks.slice_label_values). Images not in it are skipped (unknown)."""
+        out: Dict[str, List[AbsentQuery]] = {}
+        for task, info in self.tasks.items():
+            if info.get("role") != "train" or "label_value" not in info:
+                continue
+            prefix = f"{info['dataset']}/{info['plane']}/"
+            keys = [k for k in sorted(self.images) if k.startswith(prefix) and k in slice_values
+                    and int(info["label_value"]) not in slice_values[k]]
+            if keys:
+                out[task] = [AbsentQuery(task, k) for k in keys]
+        return out
 
     def image3(self, key: str) -> np.ndarray:
         img = self.images[key]
@@ -301,10 +324,14 @@ class FeatureCache:
             self._memo[(key, view)] = entry
         return entry
 
-    def item(self, sample: StoredSample, view: int):
-        """(features {name: (1, C, h, w) fp16}, unit image (3, S, S) float, mask (S, S) uint8)."""
+    def item(self, sample, view: int):
+        """(features {name: (1, C, h, w) fp16}, unit image (3, S, S) float, mask (S, S) uint8) of a StoredSample, or
+        of an AbsentQuery (mask all zero)."""
         entry = self.load(sample.image_key, view)
-        mask = np.unpackbits(entry["masks"][sample.index], axis=-1, count=self.store.size)
+        if isinstance(sample, AbsentQuery):
+            mask = np.zeros((self.store.size, self.store.size), np.uint8)
+        else:
+            mask = np.unpackbits(entry["masks"][sample.index], axis=-1, count=self.store.size)
         return entry["features"], entry["image"].float() / 255.0, mask
 
 
@@ -436,9 +463,18 @@ class TaskSampler:
     among the task's, a query from the task's train split, a template from the same task's template split."""
 
     def __init__(self, store: SampleStore, kinds: Sequence[str] = PROMPT_KINDS, seed: int = 0,
-                 tasks: Optional[Iterable[str]] = None):
+                 tasks: Optional[Iterable[str]] = None,
+                 absent: Optional[Dict[str, List[AbsentQuery]]] = None, absent_fraction: float = 0.0):
+        """absent (SampleStore.absent_queries) and absent_fraction: the share of queries drawn, for tasks that have
+        them, from slices where the structure is absent (empty target). Not in the paper, whose queries all hold
+        their structure: without them the decoder never learns "absent" and a volume segmented slice by slice
+        gets the structure on nearly every slice."""
+        if not 0.0 <= absent_fraction < 1.0:
+            raise ValueError(f"absent_fraction must be in [0, 1), got {absent_fraction}")
         self.rng = np.random.default_rng(seed)
         self.kinds = list(kinds)
+        self.absent = {t: list(q) for t, q in (absent or {}).items() if q}
+        self.absent_fraction = float(absent_fraction)
         self.pools: Dict[str, Dict[str, List[StoredSample]]] = {}
         self.templates: Dict[str, List[StoredSample]] = {}
         allowed = set(store.task_ids("train")) if tasks is None else set(tasks)
@@ -463,6 +499,9 @@ class TaskSampler:
         mods = sorted(self.pools[task])
         pool = self.pools[task][mods[self.rng.integers(len(mods))]]
         query = pool[self.rng.integers(len(pool))]
+        if self.absent_fraction and task in self.absent and self.rng.random() < self.absent_fraction:
+            negatives = self.absent[task]
+            query = negatives[self.rng.integers(len(negatives))]
         templates = self.templates[task]
         template = templates[self.rng.integers(len(templates))]
         kind = self.kinds[self.rng.integers(len(self.kinds))]
