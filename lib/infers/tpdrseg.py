@@ -277,7 +277,7 @@ class TPDRSegModels:
 
         config = dict(config or {})
         encoder = self.text_encoder(text_encoder)
-        class_text = encoder.encode([c.prompt for c in self.catalogue])
+        class_text = encoder.encode(self.catalogue.class_texts(config.get("class_text", "description")))
         if config.get("text_dim") not in (None, class_text.shape[1]):
             raise ValueError(f"the weights were trained with {config['text_dim']}-d text, the {text_encoder} "
                              f"encoder gives {class_text.shape[1]}-d")
@@ -286,6 +286,7 @@ class TPDRSegModels:
             kwargs.setdefault("prior", "clip")
             kwargs["clip"] = encoder.model
         model = TPDRSeg(self.sam.get(), class_text, [c.key for c in self.catalogue], **kwargs)
+        model.config["class_text"] = config.get("class_text", "description")
         return model.to(self.device)
 
     def load(self, path: str):

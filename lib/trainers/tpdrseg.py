@@ -180,7 +180,7 @@ def make_optimizer(model, config: TrainConfig):
 
 
 def train(model, config: TrainConfig = TrainConfig()) -> Dict:
-    """Train `model` (a TPDRSeg) on the synthetic data's train split; returns the history (and test metrics)."""
+    """Train `model` (a TPDRSeg or the AdapterSAM baseline) on the synthetic data's train split; returns the history (and test metrics)."""
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     if Path(config.data_dir) == DEFAULT_DATA:
@@ -232,9 +232,11 @@ def load_trained(model, out_dir: str):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    """`python -m lib.trainers.tpdrseg --steps 200 --output runs/tpdrseg`: LiteMedSAM + MiniLM (offline defaults)."""
+    """`python -m lib.trainers.tpdrseg --steps 200 --output runs/tpdrseg`: LiteMedSAM + MiniLM (offline defaults);
+    `--model adapter`: the vision-only MSA adapter baseline (`lib/models/tpdrseg/baselines.py`) on the same data."""
     import argparse
 
+    from lib.models.tpdrseg.baselines import build_adapter_sam
     from lib.models.tpdrseg.model import build_tpdrseg
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -245,14 +247,30 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                 default=value)
         else:
             parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
-    parser.add_argument("--text-encoder", default="minilm")
-    parser.add_argument("--clip-weights", default=None)
+    parser.add_argument("--model", default="tpdrseg", choices=("tpdrseg", "adapter"),
+                        help="TP-DRSeg (the method) or the vision-only MSA adapter baseline (no text, no prior)")
+    # Text options: TP-DRSeg only (None: not given, so that giving one to the adapter baseline is an error).
+    parser.add_argument("--text-encoder", default=None, help="tpdrseg only (default minilm)")
+    parser.add_argument("--clip-weights", default=None, help="tpdrseg only")
+    parser.add_argument("--class-text", default=None, choices=("description", "name"),
+                        help="tpdrseg only: embed each class's explicit description (the method, default) or its "
+                             "bare name (the ablation)")
     parser.add_argument("--threads", type=int, default=0)
     args = vars(parser.parse_args(argv))
     threads = args.pop("threads")
     if threads:
         torch.set_num_threads(threads)
-    model = build_tpdrseg(text_encoder=args.pop("text_encoder"), clip_weights=args.pop("clip_weights"))
+    kind = args.pop("model")
+    text_options = {k: args.pop(k) for k in ("text_encoder", "clip_weights", "class_text")}
+    if kind == "adapter":
+        given = [f"--{k.replace('_', '-')}" for k, v in text_options.items() if v is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only for --model tpdrseg (the adapter baseline has no text input)")
+        model = build_adapter_sam()
+    else:
+        model = build_tpdrseg(text_encoder=text_options["text_encoder"] or "minilm",
+                              clip_weights=text_options["clip_weights"],
+                              class_text=text_options["class_text"] or "description")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     history = train(model, TrainConfig(**args))
     if "final" in history:

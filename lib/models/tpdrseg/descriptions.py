@@ -133,6 +133,15 @@ class LesionCatalogue:
                 tie = True
         return None if tie else best
 
+    CLASS_TEXTS = {"description": "prompt", "name": "name"}
+
+    def class_texts(self, kind: str = "description") -> List[str]:
+        """The text each class is embedded from: "description" (its explicit description, the method) or "name" (the
+        bare class name, the paper's ablation baseline)."""
+        if kind not in self.CLASS_TEXTS:
+            raise ValueError(f"class text must be one of {sorted(self.CLASS_TEXTS)}, not {kind!r}")
+        return [getattr(c, self.CLASS_TEXTS[kind]) for c in self.classes]
+
     def text_for(self, text: str, field: str = "prompt") -> str:
         """What the text encoder should embed: the class's prompt/description when `text` names a class, else `text`."""
         c = self.match(text)

@@ -278,11 +278,12 @@ def soft_iou_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor
 
 
 def build_tpdrseg(sam: Sam | None = None, text_encoder="minilm", catalogue=None, clip_weights: str | None = None,
-                  device: str | torch.device = "cpu", **kwargs) -> TPDRSeg:
+                  device: str | torch.device = "cpu", class_text: str = "description", **kwargs) -> TPDRSeg:
     """TP-DRSeg on LiteMedSAM (default) with the configured lesion classes (configs/lesions.yaml).
 
     text_encoder: "minilm" (offline default, learned prior), "clip" (needs clip_weights; the paper's CLIP prior),
-    or an encoder object with encode(texts) -> (N, D). Class text = each class's `prompt` (explicit description)."""
+    or an encoder object with encode(texts) -> (N, D). class_text: "description" (each class's `prompt`, the explicit
+    description: the method) or "name" (the bare class name: the paper's ablation baseline)."""
     from .descriptions import LesionCatalogue
     from .text_encoder import build_text_encoder
 
@@ -292,9 +293,10 @@ def build_tpdrseg(sam: Sam | None = None, text_encoder="minilm", catalogue=None,
     catalogue = catalogue or LesionCatalogue.load()
     if isinstance(text_encoder, str):
         text_encoder = build_text_encoder(text_encoder, clip_weights)
-    class_text = text_encoder.encode([c.prompt for c in catalogue])
+    class_embedding = text_encoder.encode(catalogue.class_texts(class_text))
     if getattr(text_encoder, "name", "") == "clip":
         kwargs.setdefault("prior", "clip")
         kwargs.setdefault("clip", text_encoder.model)
-    model = TPDRSeg(sam, class_text, [c.key for c in catalogue], **kwargs)
+    model = TPDRSeg(sam, class_embedding, [c.key for c in catalogue], **kwargs)
+    model.config["class_text"] = class_text
     return model.to(device)
