@@ -133,6 +133,8 @@ class TrainConfig:
     lr: float = 1e-4  # the paper's AdamW learning rate
     weight_decay: float = 0.01
     prior_loss_weight: float = 0.5  # auxiliary loss on the learned prior (0: the paper's loss alone)
+    fg_weight_cap: float = 50.0  # lesion pixels weighted sqrt(bg/fg) in the BCE, capped (0: the paper's plain BCE)
+    command: Optional[str] = None  # the command line that ran this training (recorded with the weights)
     flips: bool = True
     seed: int = 0
     eval_every: int = 0  # steps between test-split evaluations (0: only at the end when evaluate=True)
@@ -149,13 +151,13 @@ def sample_classes(batch: int, num_classes: int, per_image: int, generator: torc
 
 
 def train_step(model, optimizer, images: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor,
-               prior_loss_weight: float = 0.0) -> Dict[str, float]:
+               prior_loss_weight: float = 0.0, fg_weight_cap: float = 0.0) -> Dict[str, float]:
     """One AdamW step on images (B, 3, S, S), masks (B, K_all, S, S), classes (B, k) -> loss parts and seconds."""
     start = time.perf_counter()
     model.train()
     logits, aux = model(images, classes=classes, return_aux=True)
     target = torch.gather(masks, 1, classes[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
-    loss, parts = model.loss(logits, target, aux, prior_loss_weight)
+    loss, parts = model.loss(logits, target, aux, prior_loss_weight, fg_weight_cap)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -193,19 +195,22 @@ def train(model, config: TrainConfig = TrainConfig()) -> Dict:
         test = prepare_arrays(ti, tm, model.image_size)
     optimizer = make_optimizer(model, config)
     model.gradient_checkpointing = config.gradient_checkpointing
-    history, n = {"steps": [], "evaluations": [], "config": asdict(config), "notice": manifest["notice"]}, len(x_train)
+    history, n = {"steps": [], "evaluations": [], "config": asdict(config), "notice": manifest["notice"],
+                  "command": config.command}, len(x_train)
     for step in range(1, config.steps + 1):
         idx = torch.randint(n, (config.batch_size,), generator=gen)
         xb, yb = x_train[idx], y_train[idx]
         if config.flips:
             xb, yb = flip_batch(xb, yb, gen)
         classes = sample_classes(len(idx), yb.shape[1], config.classes_per_image, gen)
-        parts = train_step(model, optimizer, xb, yb, classes, config.prior_loss_weight)
+        parts = train_step(model, optimizer, xb, yb, classes, config.prior_loss_weight, config.fg_weight_cap)
         history["steps"].append({"step": step, **parts})
         if config.log_every and step % config.log_every == 0:
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
         if test is not None and config.eval_every and step % config.eval_every == 0:
             history["evaluations"].append({"step": step, **evaluate(model, *test, config.eval_batch)})
+            logger.info(f"step {step} test: " + ", ".join(f"{k} {history['evaluations'][-1][k]:.4f}"
+                                                         for k in ("mDice", "mAUC_ROC", "mAUC_PR")))
     if test is not None and config.evaluate:
         history["final"] = evaluate(model, *test, config.eval_batch)
     if config.output:
@@ -241,6 +246,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for field, value in asdict(TrainConfig()).items():
+        if field == "command":
+            continue  # recorded, not chosen
         kind = type(value) if value is not None else str
         if kind is bool:
             parser.add_argument(f"--{field.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
@@ -272,7 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                               clip_weights=text_options["clip_weights"],
                               class_text=text_options["class_text"] or "description")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    history = train(model, TrainConfig(**args))
+    command = " ".join(["python -m lib.trainers.tpdrseg", *(argv if argv is not None else sys.argv[1:])])
+    history = train(model, TrainConfig(**args, command=command))
     if "final" in history:
         logger.info(json.dumps({k: history["final"][k] for k in ("mDice", "mAUC_ROC", "mAUC_PR")}))
     return history

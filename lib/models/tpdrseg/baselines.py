@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..sam.adapters import AdaptedTinyViTBlock, AdaptedViTBlock, AdapterSettings, add_adapters, encoder_steps
 from ..sam.sam import Sam
-from .model import soft_iou_loss
+from .model import lesion_bce, soft_iou_loss
 
 # The MSA paper's training set-up: adapters plus the decoder tail (see the module docstring).
 PAPER_SETTINGS = AdapterSettings(train_decoder_tail=True)
@@ -172,10 +172,11 @@ class AdapterSAM(nn.Module):
 
     # -- training objective ------------------------------------------------------------------------------------
     def loss(self, logits: Tensor, target: Tensor, aux: Dict[str, Tensor] | None = None,
-             prior_weight: float = 0.0) -> Tuple[Tensor, Dict[str, float]]:
-        """TP-DRSeg's BCE + IoU loss, averaged over the (image, class) maps; prior_weight is ignored (no prior)."""
+             prior_weight: float = 0.0, fg_weight_cap: float = 0.0) -> Tuple[Tensor, Dict[str, float]]:
+        """TP-DRSeg's BCE + IoU loss, averaged over the (image, class) maps, with the same lesion weighting;
+        prior_weight is ignored (no prior)."""
         target = target.to(logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(logits, target)
+        bce = lesion_bce(logits, target, fg_weight_cap)
         iou = soft_iou_loss(logits, target)
         total = bce + iou
         return total, {"bce": float(bce.detach()), "iou": float(iou.detach()), "loss": float(total.detach())}
