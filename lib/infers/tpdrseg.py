@@ -95,13 +95,17 @@ def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     return state, meta
 
 
-def write_weights(path: str, model, text_encoder: str, info: Dict[str, Any]) -> None:
+def write_weights(path: str, model, text_encoder: str, info: Dict[str, Any],
+                  dtype: Optional[torch.dtype] = None) -> None:
     """The trained tensors + model config as one .pt, and `info` (+ config) as a .json beside it; both atomically
-    (the infer task may read the .pt while it is being replaced), the .pt first."""
+    (the infer task may read the .pt while it is being replaced), the .pt first. `dtype` (e.g. torch.float16, half
+    the file size) stores the floating-point tensors in that type; `read_weights` gives them back as float32."""
     from ..trainers.label_store import atomic_write
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    payload = {"format": WEIGHTS_FORMAT, "trainable_state": model.trainable_state(), "model": dict(model.config),
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+             for k, v in model.trainable_state().items()}
+    payload = {"format": WEIGHTS_FORMAT, "trainable_state": state, "model": dict(model.config),
                "text_encoder": text_encoder}
     atomic_write(path, lambda f: torch.save(payload, f))
     meta = finite({"format": WEIGHTS_FORMAT, "model": dict(model.config), "text_encoder": text_encoder, **info})
