@@ -117,12 +117,72 @@ def time_volume(model) -> dict:
             "volume_dice": 2 * inter / max(1.0, float(predicted.sum() + truth.sum()))}
 
 
+def labels_on_grid(label: np.ndarray, label_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
+    """`label` resampled (nearest voxel) onto another image's grid through both affines (world mm)."""
+    from scipy import ndimage
+
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=0).reshape(3, -1)
+    src = np.linalg.inv(label_affine) @ affine @ np.vstack([ijk, np.ones((1, ijk.shape[1]))])
+    out = ndimage.map_coordinates(label, src[:3], order=0, mode="constant", cval=0)
+    return out.reshape(shape)
+
+
+def volume_dice(model, structures=None) -> dict:
+    """Whole-volume Dice of the held-out AAL structures (templates never trained on): for each, a box template on
+    Colin27's slice where the structure is largest, then (a) the whole Colin27 volume (the same study: every other
+    slice, including the ~150 where the structure is absent) and (b) a SECOND STUDY, the MNI152 2009a template from
+    the nilearn wheel (another brain, an average of 152 subjects, scanned and processed differently), whose truth
+    is AAL carried onto its grid through both images' affines (both in MNI space; APPROXIMATE: AAL was drawn on
+    Colin27, so boundaries can be off by a few mm)."""
+    import nibabel as nib
+
+    from lib.data.oneprompt_tasks import DEFAULT_CACHE, HELDOUT_AAL, extra_input_path
+
+    image = os.path.join(SAMPLE, "colin27_t1.nii.gz")
+    label_img = nib.load(os.path.join(SAMPLE, "labels", "final", "colin27_t1.nii.gz"))
+    label = np.asarray(label_img.dataobj).round().astype(np.int32)
+    with open(os.path.join(SAMPLE, "labels", "colin27_aal_names.json")) as f:
+        values = {name: int(v) for v, name in json.load(f).items()}
+    structures = structures or [n for n in values if any(n.startswith(h) for h in HELDOUT_AAL)]
+    second = extra_input_path(DEFAULT_CACHE, "mni152_t1")
+    studies = {"colin27 (same study)": (image, label)}
+    if os.path.isfile(second):
+        img2 = nib.load(second)
+        studies["mni152 (second study)"] = (second, labels_on_grid(label, label_img.affine, img2.shape, img2.affine))
+    else:
+        print(f"second study skipped: {second} missing (run scripts/build_oneprompt_data.py)", flush=True)
+    out = {"structures": {}, "studies": list(studies)}
+    with tempfile.TemporaryDirectory() as tmp:
+        task = OnePromptInfer(lambda device: model, TemplateStore(tmp), feature_cache_size=512, progress_every=1000)
+        for name in structures:
+            value = values[name]
+            k = int(np.argmax((label == value).sum((0, 1))))
+            i, j = np.nonzero(label[:, :, k] == value)
+            task({"image": image, "mode": "register", "label": name,
+                  "roi": [int(i.min()), int(i.max()), int(j.min()), int(j.max()), k, k]})
+            row = {}
+            for study, (path, truth_label) in studies.items():
+                t = time.perf_counter()
+                result_path, info = task({"image": path, "template": name})
+                predicted = np.asarray(nib.load(result_path).dataobj) > 0
+                truth = truth_label == value
+                inter = float((predicted & truth).sum())
+                row[study] = {"dice": 2 * inter / max(1.0, float(predicted.sum() + truth.sum())),
+                              "labelled_slices": info["labelled_slices"],
+                              "slices_with_the_structure": int(truth.any((0, 1)).sum()),
+                              "slices": int(truth.shape[2]), "seconds": time.perf_counter() - t}
+            out["structures"][name] = row
+            print(name, json.dumps({s: round(r["dice"], 3) for s, r in row.items()}), flush=True)
+    out["mean_dice"] = {s: float(np.mean([r[s]["dice"] for r in out["structures"].values()])) for s in studies}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=DEFAULT_WEIGHTS)
     p.add_argument("--templates", type=int, default=None, help="templates per held-out task (default: all, 2)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip-volume", action="store_true")
+    p.add_argument("--skip-volume", action="store_true", help="no whole-volume timing or Dice")
     p.add_argument("--skip-dice", action="store_true", help="timings only")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -151,6 +211,9 @@ def main(argv=None) -> int:
     if not args.skip_volume:
         report["volume_timing"] = time_volume(model)
         print(json.dumps(report["volume_timing"], indent=1))
+    if not args.skip_volume:
+        report["volume_dice"] = volume_dice(model)
+        print(json.dumps(report["volume_dice"]["mean_dice"], indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
