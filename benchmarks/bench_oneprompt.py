@@ -38,6 +38,7 @@ from lib.models.oneprompt import Prompt  # noqa: E402
 from lib.models.oneprompt.prompt_encoder import PROMPT_KINDS  # noqa: E402
 from lib.models.sam import build_litemedsam  # noqa: E402
 from lib.trainers import oneprompt as op  # noqa: E402
+from lib.transforms.geometry import labels_on_grid  # noqa: E402
 
 from bench_models import median_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
@@ -117,26 +118,17 @@ def time_volume(model) -> dict:
             "volume_dice": 2 * inter / max(1.0, float(predicted.sum() + truth.sum()))}
 
 
-def labels_on_grid(label: np.ndarray, label_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
-    """`label` resampled (nearest voxel) onto another image's grid through both affines (world mm)."""
-    from scipy import ndimage
-
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=0).reshape(3, -1)
-    src = np.linalg.inv(label_affine) @ affine @ np.vstack([ijk, np.ones((1, ijk.shape[1]))])
-    out = ndimage.map_coordinates(label, src[:3], order=0, mode="constant", cval=0)
-    return out.reshape(shape)
-
-
 def volume_dice(model, structures=None) -> dict:
     """Whole-volume Dice of the held-out AAL structures (templates never trained on): for each, a box template on
     Colin27's slice where the structure is largest, then (a) the whole Colin27 volume (the same study: every other
-    slice, including the ~150 where the structure is absent) and (b) a SECOND STUDY, the MNI152 2009a template from
-    the nilearn wheel (another brain, an average of 152 subjects, scanned and processed differently), whose truth
-    is AAL carried onto its grid through both images' affines (both in MNI space; APPROXIMATE: AAL was drawn on
-    Colin27, so boundaries can be off by a few mm)."""
+    slice, including the ~150 where the structure is absent) and (b) a SECOND STUDY, the MNI152 2009a template
+    (sample-data/mni152_t1.nii.gz, from the nilearn wheel; another brain, an average of 152 subjects, scanned and
+    processed differently), whose truth is AAL carried onto its grid through both images' affines
+    (lib.transforms.geometry.labels_on_grid; both in MNI space; APPROXIMATE: AAL was drawn on Colin27, so boundaries
+    can be off by a few mm)."""
     import nibabel as nib
 
-    from lib.data.oneprompt_tasks import DEFAULT_CACHE, HELDOUT_AAL, extra_input_path
+    from lib.data.oneprompt_tasks import HELDOUT_AAL
 
     image = os.path.join(SAMPLE, "colin27_t1.nii.gz")
     label_img = nib.load(os.path.join(SAMPLE, "labels", "final", "colin27_t1.nii.gz"))
@@ -144,13 +136,10 @@ def volume_dice(model, structures=None) -> dict:
     with open(os.path.join(SAMPLE, "labels", "colin27_aal_names.json")) as f:
         values = {name: int(v) for v, name in json.load(f).items()}
     structures = structures or [n for n in values if any(n.startswith(h) for h in HELDOUT_AAL)]
-    second = extra_input_path(DEFAULT_CACHE, "mni152_t1")
-    studies = {"colin27 (same study)": (image, label)}
-    if os.path.isfile(second):
-        img2 = nib.load(second)
-        studies["mni152 (second study)"] = (second, labels_on_grid(label, label_img.affine, img2.shape, img2.affine))
-    else:
-        print(f"second study skipped: {second} missing (run scripts/build_oneprompt_data.py)", flush=True)
+    second = os.path.join(SAMPLE, "mni152_t1.nii.gz")  # the unlabelled sample study (no stored label)
+    img2 = nib.load(second)
+    studies = {"colin27 (same study)": (image, label),
+               "mni152 (second study)": (second, labels_on_grid(label, label_img.affine, img2.shape, img2.affine))}
     out = {"structures": {}, "studies": list(studies)}
     with tempfile.TemporaryDirectory() as tmp:
         task = OnePromptInfer(lambda device: model, TemplateStore(tmp), feature_cache_size=512, progress_every=1000)

@@ -12,11 +12,17 @@ Sources (pinned; each extracted input file is checked against the SHA-256 below 
   * Debian  invesalius-examples 3.1.99998-4       (apt-get download + dpkg-deb -x): head CT project `Cranium.inv3`
   * PyPI    scikit-image 0.26.0                   (pip download --no-deps): `skimage/data/retina.jpg`
   * PyPI    stardist 0.9.2                        (pip download --no-deps): `stardist/data/images/{img2d,mask2d}.tif`
+  * PyPI    nilearn 0.14.1                        (pip download --no-deps): MNI ICBM152 2009a symmetric T1 template
+            `nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz` (the unlabelled second brain study)
 
 One file pair is SYNTHETIC (on a real background): `fundus_synthetic_lesions.png` + its 4-class lesion label, painted by
 lib/data/fundus_lesions.py on an augmented copy of `retina.jpg` with a fixed seed (TP-DRSeg's sample image). Only that
 pair: `python scripts/prepare_sample_data.py --fundus-only` (reads the installed scikit-image's retina.jpg,
 SHA-checked).
+
+One image has NO label on purpose: `mni152_t1.nii.gz` (a second brain, for batch inference and for segmenting another
+subject from a template registered on Colin27). Its NIfTI bytes are the wheel's, unchanged (header and voxels); only the
+gzip wrapper is rewritten.
 
 Needs: apt-get (after `apt-get update`), dpkg-deb, pip, and numpy, scipy, scikit-image, nibabel, pydicom, Pillow,
 tifffile in the running interpreter (all in the project's pinned environment). Deterministic: gzip streams are written
@@ -47,7 +53,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEBS = {"mricron-data": "1.2.20211006+dfsg-4", "invesalius-examples": "3.1.99998-4"}
-WHEELS = {"scikit-image": "0.26.0", "stardist": "0.9.2"}
+WHEELS = {"scikit-image": "0.26.0", "stardist": "0.9.2", "nilearn": "0.14.1"}
 
 # SHA-256 of the exact input files this script was written against.
 INPUTS = {
@@ -65,6 +71,8 @@ INPUTS = {
                   "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750"),
     "mask2d.tif": ("wheel:stardist", "stardist/data/images/mask2d.tif",
                    "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f"),
+    "mni152_t1.nii.gz": ("wheel:nilearn", "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                         "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6"),
 }
 
 # Head CT: the InVesalius project stores 108 axial slices; we keep the 60 upper ones (the whole cranial vault, from
@@ -78,6 +86,8 @@ RETINA_SIZE = 512
 # and keeps the first image holding all four lesion classes. build_dataset (lib/data/fundus_lesions.py) only uses
 # splits 0 (train) and 1 (test), so split 2 never gives one of its training or held-out images, whatever its seed.
 FUNDUS_SEED, FUNDUS_SPLIT, FUNDUS_NAME = 0, 2, "fundus_synthetic_lesions.png"
+# The unlabelled second brain study (MNI152 2009a symmetric T1 from the nilearn wheel) and its grid as shipped.
+MNI152_NAME, MNI152_SHAPE = "mni152_t1.nii.gz", (197, 233, 189)
 
 
 def sha256(path: str) -> str:
@@ -198,7 +208,29 @@ def prepare_colin27(paths: dict, out: str) -> dict:
     with open(os.path.join(out, "labels", "colin27_aal_names.json"), "w") as f:
         json.dump({str(k): names[k] for k in sorted(names)}, f, indent=1)
         f.write("\n")
-    return {"shape": t1.shape, "labels": present}
+    return {"shape": t1.shape, "labels": present, "affine": t1.affine}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1b. MNI152 2009a symmetric T1 (nilearn): the unlabelled second brain study
+
+
+def prepare_mni152(paths: dict, out: str) -> dict:
+    """The wheel's NIfTI bytes unchanged (header and voxels), re-gzipped deterministically; no label is written."""
+    import nibabel as nib
+
+    with gzip.open(paths["mni152_t1.nii.gz"], "rb") as f:
+        raw = f.read()
+    img = nib.Nifti1Image.from_bytes(raw)
+    data = np.asanyarray(img.dataobj)
+    sform, code = img.get_sform(coded=True)
+    if (img.shape != MNI152_SHAPE or data.dtype != np.uint8 or int(code) == 0
+            or nib.aff2axcodes(img.affine) != ("R", "A", "S") or not np.allclose(img.header.get_zooms(), 1.0)):
+        raise SystemExit(f"{MNI152_NAME}: not the expected 197x233x189 uint8 1 mm RAS image with an sform")
+    with open(os.path.join(out, MNI152_NAME), "wb") as f:
+        f.write(gzip.compress(raw, compresslevel=9, mtime=0))
+    return {"shape": img.shape, "affine": sform, "sform_code": int(code), "qform_code": int(img.header["qform_code"]),
+            "range": (int(data.min()), int(data.max())), "nifti_sha256": hashlib.sha256(raw).hexdigest()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,7 +504,14 @@ def write_readme(out: str, dicom_out: str, info: dict) -> None:
 
     f = lambda rel: _kb(os.path.join(out, rel))  # noqa: E731
     ct, colin, retina, nuclei = info["head_ct"], info["colin27"], info["retina"], info["nuclei"]
-    fundus = info["fundus_lesions"]
+    fundus, mni = info["fundus_lesions"], info["mni152"]
+    # MNI152 voxel -> Colin27 voxel through both affines (both 1 mm, axis-aligned: an integer shift)
+    mni_to_colin = np.linalg.inv(colin["affine"]) @ mni["affine"]
+    if not np.allclose(mni_to_colin[:3, :3], np.eye(3)) or not np.allclose(mni_to_colin[:3, 3],
+                                                                          np.round(mni_to_colin[:3, 3])):
+        raise SystemExit("MNI152 and Colin27 grids are no longer an integer shift of each other: update the README")
+    shift = ", ".join(f"{a} {'+' if v >= 0 else '−'} {abs(v):g}" for a, v in zip("ijk", mni_to_colin[:3, 3]))
+    mni_shape = "×".join(str(n) for n in mni["shape"])
     lesions = ", ".join(f"{k + 1} = {name.replace('_', ' ')} ({abbr}: {fundus['components'][name]} connected components, "
                         f"{fundus['pixels'][name]:,} px)"
                         for k, (name, abbr) in enumerate(zip(fundus["classes"], fundus["abbreviations"])))
@@ -487,7 +526,9 @@ def write_readme(out: str, dicom_out: str, info: dict) -> None:
 
 Real medical images for the app's local datastore (`--studies sample-data`): images at the top level, ground truth in
 `labels/final/<same file name>` (same grid, integer labels). One exception, marked **SYNTHETIC**:
-`{FUNDUS_NAME}` has painted diabetic-retinopathy lesions on a real (normal) fundus background.
+`{FUNDUS_NAME}` has painted diabetic-retinopathy lesions on a real (normal) fundus background. One image has **no
+label on purpose**: `{MNI152_NAME}`, a second brain (the "unlabelled" study for batch inference and for segmenting
+another subject with a template registered on Colin27).
 Everything here is generated from registry packages by
 [`scripts/prepare_sample_data.py`](../scripts/prepare_sample_data.py) (deterministic; `--check` rebuilds into a temporary
 folder and compares byte for byte) — **this README too: edit the script, not the files**. The app only reads the
@@ -501,6 +542,7 @@ Total size of the images and labels: {total / 2**20:.1f} MiB (+ {_size(dicom_out
 | `colin27_t1.nii.gz` ({f("colin27_t1.nii.gz")}) | MR T1, brain (Colin27, one healthy adult, 27 averaged scans) | {colin["shape"][0]}×{colin["shape"][1]}×{colin["shape"][2]}, 1 mm isotropic, uint8 (values 0–254 as shipped), RAS | Debian `mricron-data` {DEBS["mricron-data"]}: `/usr/share/mricron/templates/ch2.nii.gz` | Debian package: BSD-3-Clause (`Files: *` in its copyright file); image: Colin27, © MNI / D. L. Collins, cite Holmes et al. 1998 | — (image; voxels unchanged) |
 | `labels/final/colin27_t1.nii.gz` ({f("labels/final/colin27_t1.nii.gz")}) | label | same grid and affine, uint8 | same package: `templates/aal.nii.gz` | as above; AAL: cite Tzourio-Mazoyer et al. 2002 (no separate licence stated upstream) | **Real atlas labels**: AAL, 116 regions (values 1–116, 0 = outside), a manual anatomical parcellation drawn on this very brain. Voxels unchanged. Names: `labels/colin27_aal_names.json` |
 | `labels/colin27_aal_names.json` ({f("labels/colin27_aal_names.json")}) | — | {{"1": "Precentral_L", …, "116": "Vermis_10"}} | same package: `templates/aal.nii.txt` (columns: value, name, AAL code; the code is dropped) | as above | label value → AAL region name (not a datastore file: `labels/` itself is not a label tag) |
+| `{MNI152_NAME}` ({f(MNI152_NAME)}) | MR T1, brain (MNI ICBM152 2009a symmetric template: a non-linear average of 152 healthy adult brains) | {mni_shape}, 1 mm isotropic, uint8 (values {mni["range"][0]}–{mni["range"][1]}, nilearn's 8-bit conversion), RAS | PyPI `nilearn` {WHEELS["nilearn"]}: `{INPUTS[MNI152_NAME][1]}` | nilearn BSD-3-Clause; ICBM152 2009a template: nilearn's description says 'License: unknown' (upstream MNI copyright notice, permissive with attribution: Fonov 2009/2011, Collins 1999) | **no label** (on purpose: the second study for One-Prompt and any model; image bytes unchanged). AAL was drawn on Colin27, which is in the same MNI space, so AAL carried onto this grid through the two affines is only an **APPROXIMATE** truth: tests and benchmarks use it to score, it is never stored as a label |
 | `head_ct.nii.gz` ({f("head_ct.nii.gz")}) | CT, head (non-contrast) | {ct["shape"][0]}×{ct["shape"][1]}×{ct["shape"][2]}, {dx:g}×{dy:g}×{dz:g} mm, int16 Hounsfield units ({ct["hu_range"][0]}…{ct["hu_range"][1]}), LAS | Debian `invesalius-examples` {DEBS["invesalius-examples"]}: `examples/Cranium.inv3` (InVesalius project "ProMED CT 0051") | GPL-2 (the package's copyright file, `Files: *`, © CTI Renato Archer) | — (image; real HU, slices {k0}–{k1} of {ct["full_shape"][2]}, no resampling) |
 | `labels/final/head_ct.nii.gz` ({f("labels/final/head_ct.nii.gz")}) | label | same grid and affine, uint8 | derived from `head_ct.nii.gz` | as the image | **Derived by thresholds + morphology, not a manual annotation**: 1 = bone ({ct["bone_ml"]:.0f} mL), 2 = intracranial soft tissue, i.e. brain + CSF ({ct["intracranial_ml"]:.0f} mL). Method below. |
 | `retina.png` ({f("retina.png")}) | colour fundus photograph (normal left eye) | {retina["shape"][1]}×{retina["shape"][0]} px, RGB 8-bit (no physical spacing) | PyPI `scikit-image` {WHEELS["scikit-image"]}: `skimage/data/retina.jpg` ({retina["source_size"][0]}×{retina["source_size"][1]}) | CC0 1.0 (per `skimage.data.retina`'s docstring: Wikimedia Commons "Fundus photograph of normal left eye"); package BSD-3-Clause | — (image; LANCZOS-downsampled to {RETINA_SIZE} px, Pillow {PIL.__version__}) |
@@ -518,6 +560,19 @@ the package leaves the qform unset). The voxels and dtype (uint8; the T1 is the 
 copied unchanged; the script only sets the qform to the sform (same code) so that readers preferring either agree, sets
 the spatial unit to mm, and re-gzips. Label 1 (`Precentral_L`) lies at world x < 0 and label 2 (`Precentral_R`) at
 x > 0, as RAS requires.
+
+**MNI152 (second brain study, unlabelled).** nilearn ships the ICBM152 2009a T1 template (symmetric, per its file name
+and the original archive `mni_icbm152_nlin_sym_09a_nifti.zip`; nilearn's description page speaks of the asymmetrical
+one) converted to uint8: {mni_shape}, 1 mm, sform code {mni["sform_code"]} (aligned) and qform code {mni["qform_code"]} as shipped (readers use
+the sform), affine diag(1, 1, 1) with translation ({", ".join(f"{v:g}" for v in mni["affine"][:3, 3])}). The uncompressed NIfTI bytes
+(header and voxels) are the wheel's, unchanged (SHA-256 of the uncompressed file:
+`{mni["nifti_sha256"]}`); the script only re-gzips them (level 9, mtime 0, no
+file name), because the shipped gzip stream carries a time stamp and a file name. It is another brain than Colin27
+(an average of 152 subjects, scanned and processed differently) in the same MNI space: voxel (i, j, k) here and voxel
+({shift}) of Colin27 are the same world point. There is no label: AAL resampled onto this grid
+through the two affines (nearest voxel, `lib.transforms.geometry.labels_on_grid`) is an approximate truth only, off by
+a few mm at boundaries where the two brains differ; `tests/test_oneprompt_serving.py` and
+`benchmarks/bench_oneprompt.py` use it to score, and it is never stored.
 
 **Head CT.** `Cranium.inv3` is a gzipped tar of an InVesalius 3 beta 3 project (2012). Its `main.plist` gives modality
 CT, shape (slices, rows, columns) = {ct["full_shape"][2]}×256×256, spacing {dx:g}×{dy:g}×{dz:g} mm and the raw volume
@@ -573,7 +628,7 @@ held-out images. The lesions are synthetic: numbers measured on this image say n
 * PNG files are ordinary images (rows = y). MONAI's PIL reader returns them as (x, y[, channel]); labels are the same
   height × width as their image.
 * Regenerate: `apt-get update && python scripts/prepare_sample_data.py` (downloads the two `.deb` files with
-  `apt-get download` and the two wheels with `pip download --no-deps` into a cache folder; every input file is checked
+  `apt-get download` and the three wheels with `pip download --no-deps` into a cache folder; every input file is checked
   against a SHA-256 recorded in the script).
 
 ## References
@@ -581,6 +636,10 @@ held-out images. The lesions are synthetic: numbers measured on this image say n
 * Holmes C. J. et al. (1998) Enhancement of MR images using registration for signal averaging. J Comput Assist Tomogr 22(2):324–333.
 * Tzourio-Mazoyer N. et al. (2002) Automated anatomical labeling of activations in SPM using a macroscopic anatomical
   parcellation of the MNI MRI single-subject brain. NeuroImage 15(1):273–289.
+* Fonov V. S. et al. (2009) Unbiased nonlinear average age-appropriate brain templates from birth to adulthood.
+  NeuroImage 47(Suppl 1):S102.
+* Fonov V. et al. (2011) Unbiased average age-appropriate atlases for pediatric studies. NeuroImage 54(1):313–327.
+* Collins D. L. et al. (1999) ANIMAL+INSECT: improved cortical structure segmentation. IPMI 1999, LNCS 1613:210–223.
 * Amorim P. et al. (2015) InVesalius: an interactive rendering framework for health care support. ISVC 2015, LNCS 9474.
 * Caicedo J. C. et al. (2019) Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl. Nature
   Methods 16:1247–1253.
@@ -603,6 +662,7 @@ def build(out: str, dicom_out: str, cache: str, verify: bool) -> dict:
         shutil.rmtree(os.path.join(dicom_out, DICOM_SERIES_DIR))
     info = {
         "colin27": prepare_colin27(paths, out),
+        "mni152": prepare_mni152(paths, out),
         "head_ct": prepare_head_ct(paths, out, dicom_out),
         "retina": prepare_retina(paths, out),
         "nuclei": prepare_nuclei(paths, out),

@@ -1,4 +1,4 @@
-"""Shared test helpers: a real MONAI Label server on loopback, Dice, reading label files."""
+"""Shared test helpers: a real MONAI Label server on loopback, Dice, reading label files, AAL on another grid."""
 
 from __future__ import annotations
 
@@ -89,6 +89,17 @@ class Server:
                 self.process.kill()
         if getattr(self, "log", None):
             self.log.close()
+
+
+def aal_on_grid(shape, affine) -> np.ndarray:
+    """Colin27's AAL (sample-data/labels/final/colin27_t1.nii.gz, int32 region values) carried onto another image's
+    grid through both affines, nearest voxel (lib.transforms.geometry.labels_on_grid). For another brain in MNI space
+    (sample-data/mni152_t1.nii.gz) this is an APPROXIMATE truth: AAL was drawn on Colin27. Used to score, never
+    stored."""
+    from lib.transforms.geometry import labels_on_grid
+
+    img = nib.load(os.path.join(SAMPLE_DATA, "labels", "final", "colin27_t1.nii.gz"))
+    return labels_on_grid(np.asarray(img.dataobj).round().astype(np.int32), img.affine, shape, affine)
 
 
 def copy_sample_data(destination: str) -> str:

@@ -5,6 +5,8 @@ Reads the files directly (nibabel, Pillow, pydicom): no server, no MONAI transfo
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import re
@@ -32,6 +34,13 @@ EXPECTED = {
     # SYNTHETIC lesions on a real fundus background (TP-DRSeg): 1 MA, 2 HE, 3 EX, 4 SE, every class present
     "fundus_synthetic_lesions.png": ((512, 512), {0, 1, 2, 3, 4}),
 }
+# images with NO label on purpose (the datastore's unlabelled studies, for batch inference) -> expected shape
+UNLABELLED = {
+    # MNI ICBM152 2009a symmetric T1 from the nilearn 0.14.1 wheel: a second brain, in Colin27's MNI space
+    "mni152_t1.nii.gz": (197, 233, 189),
+}
+# SHA-256 of the uncompressed NIfTI (header + voxels): the wheel's file, byte for byte (only re-gzipped)
+MNI152_NIFTI_SHA256 = "eeb8a792a93948c83462305c71db783800e95eb3f6ce35975a4dd0f374f79bff"
 
 
 def bundled_files(root: str) -> list[str]:
@@ -60,8 +69,35 @@ def read(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def test_the_expected_images_and_only_those_are_bundled():
-    assert images() == sorted(EXPECTED)
-    assert sorted(os.listdir(LABELS)) == sorted(EXPECTED)
+    assert images() == sorted({**EXPECTED, **UNLABELLED})
+    assert sorted(os.listdir(LABELS)) == sorted(EXPECTED)  # the unlabelled images have no final label
+
+
+@pytest.mark.parametrize("name", sorted(UNLABELLED))
+def test_unlabelled_image_loads_and_has_no_label_anywhere(name):
+    image, affine = read(os.path.join(SAMPLE, name))
+    assert image.shape == UNLABELLED[name] and np.isfinite(image).all() and image.max() > image.min()
+    for dirpath, _, filenames in os.walk(os.path.join(SAMPLE, "labels")):
+        assert name not in filenames, os.path.join(dirpath, name)
+
+
+def test_mni152_is_the_wheel_template_unchanged_in_colin27s_mni_space():
+    path = os.path.join(SAMPLE, "mni152_t1.nii.gz")
+    with open(path, "rb") as f:
+        stream = f.read()
+    # deterministic gzip wrapper (as every NIfTI here): no file name (FLG 0), mtime 0
+    assert stream[:3] == b"\x1f\x8b\x08" and stream[3] == 0 and stream[4:8] == b"\0\0\0\0"
+    assert hashlib.sha256(gzip.decompress(stream)).hexdigest() == MNI152_NIFTI_SHA256
+    img = nib.load(path)
+    data = np.asanyarray(img.dataobj)
+    assert data.dtype == np.uint8 and data.min() == 0 and data.max() == 255
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and img.header.get_zooms() == (1.0, 1.0, 1.0)
+    assert int(img.header["sform_code"]) == 2 and int(img.header["qform_code"]) == 0  # as shipped: the sform rules
+    # same world space as Colin27 (and its AAL): both 1 mm RAS grids, an integer shift apart
+    colin = nib.load(os.path.join(SAMPLE, "colin27_t1.nii.gz"))
+    mni_to_colin = np.linalg.inv(colin.affine) @ img.affine
+    np.testing.assert_allclose(mni_to_colin[:3, :3], np.eye(3))
+    np.testing.assert_allclose(mni_to_colin[:3, 3], (-8, -9, -1))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -6,8 +6,8 @@ import torch
 from monai.transforms import Compose
 
 from lib.transforms import (CropToModelInputd, ExtractSliced, ModelFrame, RepeatChannelsd, ScaleIntensityByModalityd,
-                            Window, compute_intensity_range, crop_window, extract_slice, resize_to_model,
-                            resolve_modality, voxel_to_slice)
+                            Window, compute_intensity_range, crop_window, extract_slice, labels_on_grid,
+                            resize_to_model, resolve_modality, voxel_to_slice)
 
 
 def test_ct_window_clips_hounsfield_units_to_unit_range():
@@ -94,3 +94,45 @@ def test_composed_preprocessing_gives_three_channel_model_input():
     assert out["image"].shape == (3, 256, 256)
     assert out["frame"].window == Window(0, 0, 48, 64)
     assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
+
+
+def test_labels_on_grid_follows_both_affines_with_nearest_voxels():
+    label = np.zeros((6, 7, 8), np.int32)
+    label[1:3, 2:5, 3] = 7
+    label[4, 6, 7] = 9
+    eye = np.eye(4)
+    np.testing.assert_array_equal(labels_on_grid(label, eye, label.shape, eye), label)
+    # a target grid shifted by (+1, -2, 0) mm: its voxel v is the label's voxel v + (1, -2, 0)
+    shifted = eye.copy()
+    shifted[:3, 3] = (1, -2, 0)
+    out = labels_on_grid(label, eye, label.shape, shifted)
+    assert out.dtype == label.dtype and (out == 7).sum() == 6 and 9 not in out  # the 9 left the grid (j = 8)
+    np.testing.assert_array_equal(out[0:2, 4:7, 3], 7)
+    assert not out[5].any() and not out[:, :2].any()  # outside the label's grid: 0
+    # a flipped 2 mm first axis, a 2 mm second axis offset by 0.6 mm: nearest voxel (not floor), values never mixed
+    coarse = np.diag([-2.0, 2.0, 1.0, 1.0])
+    coarse[:3, 3] = (5, 0.6, 0)
+    out = labels_on_grid(label, eye, (3, 4, 8), coarse)
+    # voxel (a, b, c) -> label voxel (5 - 2a, 2b + 0.6, c): only (2, 1, 3) -> (1, 2.6 ~ 3, 3) lies in the 7s
+    assert np.argwhere(out == 7).tolist() == [[2, 1, 3]] and set(np.unique(out).tolist()) == {0, 7}
+
+
+def test_aal_carried_onto_the_unlabelled_mni152_sample_is_an_exact_voxel_shift():
+    """Colin27 and sample-data/mni152_t1.nii.gz: both 1 mm RAS in MNI space, an integer shift apart, so nearest-voxel
+    resampling moves the AAL voxels without changing them (the shared helper the tests and benchmark score with)."""
+    import os
+
+    import nibabel as nib
+
+    from helpers import SAMPLE_DATA, aal_on_grid
+
+    mni = nib.load(os.path.join(SAMPLE_DATA, "mni152_t1.nii.gz"))
+    colin = nib.load(os.path.join(SAMPLE_DATA, "labels", "final", "colin27_t1.nii.gz"))
+    aal = np.asarray(colin.dataobj).round().astype(np.int32)
+    carried = aal_on_grid(mni.shape, mni.affine)
+    assert carried.shape == mni.shape == (197, 233, 189)
+    # voxel v here = Colin27's voxel v - (8, 9, 1)
+    np.testing.assert_array_equal(carried[8:8 + 181, 9:9 + 217, 1:1 + 181], aal)
+    assert carried.sum() == aal.sum()
+    t1 = np.asarray(mni.dataobj).astype(np.float32)
+    assert t1[carried > 0].mean() > 2 * t1[carried == 0].mean()  # the atlas lands on the second brain, not beside it

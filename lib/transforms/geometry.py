@@ -37,6 +37,23 @@ def voxel_to_slice(point, axis: int | None) -> tuple[float, float]:
     return float(point[row_axis]), float(point[col_axis])
 
 
+def labels_on_grid(label: np.ndarray, label_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
+    """A 3D `label` (voxel order, with its 4x4 voxel-to-world `label_affine`) resampled onto another image's grid
+    (`shape`, `affine`) through both affines (world mm), nearest voxel; 0 outside the label's grid. Same dtype.
+
+    The one way the project carries an atlas onto another study (e.g. Colin27's AAL onto the MNI152 sample image,
+    both in MNI space: an approximate truth, used to score, never stored as a label)."""
+    from scipy import ndimage
+
+    label = np.asarray(label)
+    if label.ndim != 3 or len(shape) != 3:
+        raise ValueError(f"labels_on_grid needs 3D volumes, got {label.shape} -> {tuple(shape)}")
+    # output voxel -> world -> label voxel; order 0 = nearest voxel, so label values are never mixed
+    matrix = np.linalg.inv(np.asarray(label_affine, float)) @ np.asarray(affine, float)
+    return ndimage.affine_transform(label, matrix, output_shape=tuple(int(n) for n in shape), order=0,
+                                    mode="constant", cval=0)
+
+
 def to_tensor(image) -> torch.Tensor:
     return image if isinstance(image, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(image))
 
