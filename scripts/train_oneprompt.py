@@ -71,6 +71,11 @@ def main(argv=None) -> int:
     p.add_argument("--absent-fraction", type=float, default=0.3,
                    help="share of queries drawn from slices where the task's structure is absent (empty target; "
                         "0: the paper's sampling, every query holds its structure)")
+    p.add_argument("--presence-weight", type=float, default=1.0,
+                   help="weight of the image-level presence loss (lib.trainers.oneprompt.presence_loss; 0: off)")
+    p.add_argument("--init", default=None,
+                   help="start from this weights file's decoder + prompt encoder (fine-tuning; the SegLab autoencoder "
+                        "still comes from <work>/seglab.pt)")
     p.add_argument("--cache-dir", default=None, help="the package cache build_oneprompt_data.py used (default its)")
     p.add_argument("--paper-only", action="store_true",
                    help="the decoder without our two additions (prompt map on template tokens, head priors)")
@@ -117,6 +122,14 @@ def main(argv=None) -> int:
         op.atomic_save(seglab.state_dict(), seglab_path)
         print(f"SegLab autoencoder trained in {time.perf_counter() - t:.0f}s -> {seglab_path}")
     model.prompt_encoder.attach_seglab(seglab)
+    if args.init:
+        init = torch.load(args.init, weights_only=False)["decoder_and_prompt_encoder"]
+        missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                                     for k, v in init.items()}, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("image_encoder.")]:
+            raise SystemExit(f"--init {args.init} does not fit this model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        print(f"decoder initialised from {args.init}", flush=True)
     if args.only == "seglab":
         return 0
 
@@ -129,6 +142,7 @@ def main(argv=None) -> int:
     sampler = op.TaskSampler(store, seed=args.seed, absent=absent, absent_fraction=args.absent_fraction)
     source = op.PairSource(cache, None)
     config = op.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                            presence_weight=args.presence_weight,
                             time_budget=args.time_budget, stop_at=args.stop_at, seed=args.seed)
     history = op.train_decoder(model, sampler, source, config, checkpoint=os.path.join(work, "decoder.ckpt"),
                                log=lambda m: print(m, flush=True))

@@ -214,3 +214,21 @@ def test_absent_queries_are_slices_without_the_structure_and_have_empty_targets(
     # and without absent queries the sampler draws exactly what it drew before (the shipped runs replay)
     a, b = op.TaskSampler(store, seed=3), op.TaskSampler(store, seed=3, absent=absent, absent_fraction=0.0)
     assert all(x[0] == y[0] and x[1] == y[1] for x, y in zip((a.draw() for _ in range(50)), (b.draw() for _ in range(50))))
+
+
+def test_presence_loss_punishes_a_blob_on_an_empty_query_where_dice_cannot():
+    """On an empty target the Dice term is saturated; the presence term is not, and it is small when right."""
+    from lib.models.oneprompt.seglab import dice_loss
+
+    empty = torch.zeros(1, 1, 64, 64)
+    blob = torch.full((1, 1, 64, 64), -8.0)
+    blob[..., 10:30, 10:30] = 4.0  # 400 false pixels
+    blob.requires_grad_(True)
+    dice_grad = torch.autograd.grad(dice_loss(blob, empty), blob)[0].abs().max()
+    presence = op.presence_loss(blob, empty)
+    presence_grad = torch.autograd.grad(presence, blob)[0].abs().max()
+    assert presence > 3.0 and presence_grad > 1000 * dice_grad
+    assert op.presence_loss(torch.full((1, 1, 64, 64), -8.0), empty) < 1e-3  # nothing drawn: no cost
+    target = torch.zeros(1, 1, 64, 64)
+    target[..., 10:30, 10:30] = 1
+    assert op.presence_loss(blob.detach(), target) < 0.05  # the structure is there and drawn
