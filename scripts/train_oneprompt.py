@@ -68,11 +68,13 @@ def main(argv=None) -> int:
                    help="run the stages up to and including this one")
     p.add_argument("--eval-templates", type=int, default=None, help="templates per held-out task (default all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--absent-fraction", type=float, default=0.3,
+    p.add_argument("--absent-fraction", type=float, default=0.0,
                    help="share of queries drawn from slices where the task's structure is absent (empty target; "
-                        "0: the paper's sampling, every query holds its structure)")
-    p.add_argument("--presence-weight", type=float, default=1.0,
-                   help="weight of the image-level presence loss (lib.trainers.oneprompt.presence_loss; 0: off)")
+                        "0, the default and the shipped weights: the paper's sampling, every query holds its "
+                        "structure). Experimental: 0.3 did not stop whole-volume over-segmentation (README)")
+    p.add_argument("--presence-weight", type=float, default=0.0,
+                   help="weight of the image-level presence loss (lib.trainers.oneprompt.presence_loss; 0, the "
+                        "default and the shipped weights: off). Experimental, with --absent-fraction")
     p.add_argument("--init", default=None,
                    help="start from this weights file's decoder + prompt encoder (fine-tuning; the SegLab autoencoder "
                         "still comes from <work>/seglab.pt)")
