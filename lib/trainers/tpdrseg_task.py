@@ -52,7 +52,8 @@ class TPDRSegTrainTask(LabelTrainTask):
         defaults = core.TrainConfig()
         config = {"steps": 200, "batch_size": defaults.batch_size, "classes_per_image": defaults.classes_per_image,
                   "learning_rate": defaults.lr, "weight_decay": defaults.weight_decay,
-                  "prior_loss_weight": defaults.prior_loss_weight, "flips": defaults.flips, "seed": defaults.seed,
+                  "prior_loss_weight": defaults.prior_loss_weight, "fg_weight_cap": defaults.fg_weight_cap,
+                  "flips": defaults.flips, "seed": defaults.seed,
                   "images": [], "validation_images": "auto", "init": "served", "gradient_checkpointing": False}
         super().__init__(model_dir, description, config, None, None, device)
         self.models = models
@@ -66,6 +67,7 @@ class TPDRSegTrainTask(LabelTrainTask):
                     "lr": number_field(request, "learning_rate", 0.0, 1.0),
                     "weight_decay": number_field(request, "weight_decay", 0.0, 10.0),
                     "prior_loss_weight": number_field(request, "prior_loss_weight", 0.0, 100.0),
+                    "fg_weight_cap": number_field(request, "fg_weight_cap", 0.0, 1000.0),
                     "flips": truthy(request["flips"]), "seed": int_field(request, "seed", 0, 2 ** 31),
                     "gradient_checkpointing": truthy(request["gradient_checkpointing"])}
         init = str(request.get("init") or "served").lower()
@@ -180,7 +182,7 @@ class TPDRSegTrainTask(LabelTrainTask):
             classes = core.sample_classes(len(idx), yb.shape[1], s["classes_per_image"], gen)
             device = context.device
             return core.train_step(context.network, engine.optimizer, xb.to(device), yb.to(device),
-                                   classes.to(device), s["prior_loss_weight"])
+                                   classes.to(device), s["prior_loss_weight"], s["fg_weight_cap"])
 
         trainer = SupervisedTrainer(device=context.device, max_epochs=1, train_data_loader=steps,
                                     network=context.network, optimizer=context.optimizer,
