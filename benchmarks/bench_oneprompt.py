@@ -13,7 +13,9 @@ calibrated on training tasks). Reported per task group and overall (tasks weight
 
 Time: the encoder and the decoder per slice against LiteMedSAM (encoder + box decoder) in the same run, and a
 whole Colin27 volume (181 axial slices) through the served task (lib/infers/oneprompt.py: register a template,
-then `segment`), with and without the slices' features cached.
+then `segment`), with and without the slices' features cached. Whole-volume Dice of every held-out AAL structure
+(`volume_dice`): a box template on Colin27, then the whole Colin27 volume and the second study,
+sample-data/mni152_t1.nii.gz (truth: AAL carried through the affines, approximate).
 """
 
 from __future__ import annotations
