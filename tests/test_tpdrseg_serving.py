@@ -265,7 +265,10 @@ MIN_SAMPLE_DICE = {"microaneurysms": 0.28, "haemorrhages": 0.56, "hard_exudates"
 # Measured: MA 0.206, HE 0.717, EX 0.515, SE 0.621 -> about 80%.
 MIN_HELD_OUT_DICE = {"microaneurysms": 0.16, "haemorrhages": 0.57, "hard_exudates": 0.41, "soft_exudates": 0.50}
 # Mean over classes of that Dice: descriptions minus bare names (the paper's claim: descriptions help).
-MIN_DESCRIPTION_MARGIN = 0.0  # measured: TBD
+# Measured: 0.210 (descriptions MA/HE/EX/SE 0.206/0.717/0.515/0.621, names 0.084/0.531/0.269/0.336). The shipped
+# description weights had 300 steps, the names weights 240; at equal steps (240, all 20 test images, the trainer's
+# evaluation) the margin was 0.16 mDice. Threshold 0.10: the paper's claim, with room for float differences.
+MIN_DESCRIPTION_MARGIN = 0.10
 
 
 def skip_unless_shipped(path: str) -> None:
