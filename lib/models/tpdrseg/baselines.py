@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..sam.adapters import AdaptedTinyViTBlock, AdaptedViTBlock, AdapterSettings, add_adapters, encoder_steps
 from ..sam.sam import Sam
-from .model import lesion_bce, soft_iou_loss
+from .model import lesion_bce, load_trainable_parameters, soft_iou_loss
 
 # The MSA paper's training set-up: adapters plus the decoder tail (see the module docstring).
 PAPER_SETTINGS = AdapterSettings(train_decoder_tail=True)
@@ -95,16 +95,7 @@ class AdapterSAM(nn.Module):
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: Dict[str, Tensor]) -> "AdapterSAM":
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = set(params) - set(state), set(state) - set(params)
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit this adapter baseline: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-        with torch.no_grad():
-            for n, v in state.items():
-                if params[n].shape != v.shape:
-                    raise ValueError(f"{n}: shape {tuple(v.shape)} in the file, {tuple(params[n].shape)} in the model")
-                params[n].copy_(v)
+        load_trainable_parameters(self, state, "adapter baseline")
         return self
 
     def parameter_counts(self) -> Dict[str, int]:

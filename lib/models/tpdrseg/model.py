@@ -159,16 +159,7 @@ class TPDRSeg(nn.Module):
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: Dict[str, Tensor]) -> "TPDRSeg":
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = set(params) - set(state), set(state) - set(params)
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit this TP-DRSeg: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-        with torch.no_grad():
-            for n, v in state.items():
-                if params[n].shape != v.shape:
-                    raise ValueError(f"{n}: shape {tuple(v.shape)} in the file, {tuple(params[n].shape)} in the model")
-                params[n].copy_(v)
+        load_trainable_parameters(self, state, "TP-DRSeg")
         return self
 
     def parameter_counts(self) -> Dict[str, int]:
@@ -268,6 +259,21 @@ class TPDRSeg(nn.Module):
             parts["prior"] = float(prior_loss.detach())
         parts["loss"] = float(total.detach())
         return total, parts
+
+
+def load_trainable_parameters(module: nn.Module, state: Dict[str, Tensor], what: str) -> None:
+    """Copy `state` into `module`'s trainable parameters, strictly: the same names and shapes, or a ValueError that
+    says which (a weights file of another model or configuration)."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = set(params) - set(state), set(state) - set(params)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit this {what}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    with torch.no_grad():
+        for n, v in state.items():
+            if params[n].shape != v.shape:
+                raise ValueError(f"{n}: shape {tuple(v.shape)} in the file, {tuple(params[n].shape)} in the model")
+            params[n].copy_(v)
 
 
 def lesion_bce(logits: Tensor, target: Tensor, fg_weight_cap: float = 0.0) -> Tensor:
