@@ -152,14 +152,15 @@ def test_only_injectors_generator_projection_and_decoder_train():
     torch.testing.assert_close(sam_bn.running_mean, running)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def assert_checkpointing_keeps_gradients(make_model, open_new_branches) -> None:
+    """The same gradients with and without gradient checkpointing; `open_new_branches(model)` makes the zero-started
+    branches non-zero first, so that the encoder's trained parts get gradients."""
     grads = []
     for ckpt in (False, True):
-        model = tiny_model()
+        model = make_model()
         model.gradient_checkpointing = ckpt
         with torch.no_grad():
-            for inj in model.injectors:
-                inj.gamma.fill_(0.2)
+            open_new_branches(model)
         model.train()
         torch.manual_seed(3)
         x = torch.rand(1, 3, 64, 64)
@@ -168,6 +169,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def open_injectors(model):
+        for inj in model.injectors:
+            inj.gamma.fill_(0.2)
+
+    assert_checkpointing_keeps_gradients(tiny_model, open_injectors)
 
 
 def test_clip_prior_is_frozen_and_shaped():
@@ -421,22 +430,12 @@ def test_adapter_baseline_has_no_text_input():
 
 
 def test_adapter_baseline_gradient_checkpointing_gives_the_same_gradients():
-    grads = []
-    for ckpt in (False, True):
-        model = tiny_adapter_model()
-        model.gradient_checkpointing = ckpt
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("up.weight"):  # open the adapters so that the encoder ones get gradients
-                    p.normal_(0, 0.05)
-        model.train()
-        torch.manual_seed(3)
-        x = torch.rand(1, 3, 64, 64)
-        model.loss(model(x, classes=[1, 2]), (torch.rand(1, 2, 64, 64) > 0.8).float())[0].backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4, msg=n)
+    def open_adapters(model):
+        for n, p in model.named_parameters():
+            if n.endswith("up.weight"):
+                p.normal_(0, 0.05)
+
+    assert_checkpointing_keeps_gradients(tiny_adapter_model, open_adapters)
 
 
 def test_tiny_adapter_baseline_overfits_one_hard_exudate_mask():
