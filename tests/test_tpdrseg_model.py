@@ -241,29 +241,39 @@ def test_trainable_state_round_trip(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------------- overfit
-def test_tiny_model_overfits_one_hard_exudate_mask():
-    """Tiny random encoder (the real LiteMedSAM takes ~5 s per training step on one thread): a 64 px full-resolution
-    crop of a synthetic image, hard exudates, AdamW; Dice > 0.7 after 100 steps (0.93 at 80 when measured)."""
+def hard_exudate_crop():
+    """(x, y) of the 64 px full-resolution window (on a 32 px grid) of the synthetic training data with the most
+    hard-exudate pixels, prepared at 64 px."""
     from lib.data.fundus_lesions import ensure_dataset, load_dataset
 
     images, masks, _ = load_dataset(ensure_dataset(trainer.DEFAULT_DATA), "train")
     ex = masks[:, 2].astype(np.float32)
-    # the 64 px window (on a 32 px grid) with the most exudate pixels
     win = ex.reshape(len(ex), 16, 32, 16, 32).sum((2, 4))
     win = win[:, :-1, :-1] + win[:, 1:, :-1] + win[:, :-1, 1:] + win[:, 1:, 1:]
     n, r, c = np.unravel_index(np.argmax(win), win.shape)
     r, c = 32 * r, 32 * c
-    x, y = trainer.prepare_arrays(images[n:n + 1, r:r + 64, c:c + 64], masks[n:n + 1, :, r:r + 64, c:c + 64], 64)
-    assert 0.05 < y[0, 2].mean() < 0.5
-    torch.manual_seed(0)
-    model = tiny_model()
+    return trainer.prepare_arrays(images[n:n + 1, r:r + 64, c:c + 64], masks[n:n + 1, :, r:r + 64, c:c + 64], 64)
+
+
+def overfit_hard_exudates(model, x, y, prior_loss_weight: float = 0.0, steps: int = 100):
+    """(Dice on the crop, last loss parts) after `steps` AdamW steps (lr 3e-3) on the hard-exudate class."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     classes = torch.tensor([[2]])
-    for _ in range(100):
-        parts = trainer.train_step(model, opt, x, y, classes, prior_loss_weight=0.5)
+    for _ in range(steps):
+        parts = trainer.train_step(model, opt, x, y, classes, prior_loss_weight=prior_loss_weight)
     with torch.no_grad():
         prob = trainer.predict(model, x)
-    assert trainer.dice(prob[:, 2] >= 0.5, y[:, 2].numpy()) > 0.7, parts
+    return trainer.dice(prob[:, 2] >= 0.5, y[:, 2].numpy()), parts
+
+
+def test_tiny_model_overfits_one_hard_exudate_mask():
+    """Tiny random encoder (the real LiteMedSAM takes ~5 s per training step on one thread): a 64 px full-resolution
+    crop of a synthetic image, hard exudates, AdamW; Dice > 0.7 after 100 steps (0.93 at 80 when measured)."""
+    x, y = hard_exudate_crop()
+    assert 0.05 < y[0, 2].mean() < 0.5
+    torch.manual_seed(0)
+    score, parts = overfit_hard_exudates(tiny_model(), x, y, prior_loss_weight=0.5)
+    assert score > 0.7, parts
 
 
 # -------------------------------------------------------------------------------------------------------- metrics
@@ -442,21 +452,7 @@ def test_tiny_adapter_baseline_overfits_one_hard_exudate_mask():
     """As test_tiny_model_overfits_one_hard_exudate_mask, for the adapter baseline (same crop, steps and lr):
     Dice 0.93 at 100 steps when measured (0.84 at 60). With the decoder frozen (adapters only) the tiny random SAM
     gets 0.0 here (0.09 at lr 1e-2): see lib/models/tpdrseg/baselines.py."""
-    from lib.data.fundus_lesions import ensure_dataset, load_dataset
-
-    images, masks, _ = load_dataset(ensure_dataset(trainer.DEFAULT_DATA), "train")
-    ex = masks[:, 2].astype(np.float32)
-    win = ex.reshape(len(ex), 16, 32, 16, 32).sum((2, 4))
-    win = win[:, :-1, :-1] + win[:, 1:, :-1] + win[:, :-1, 1:] + win[:, 1:, 1:]
-    n, r, c = np.unravel_index(np.argmax(win), win.shape)
-    r, c = 32 * r, 32 * c
-    x, y = trainer.prepare_arrays(images[n:n + 1, r:r + 64, c:c + 64], masks[n:n + 1, :, r:r + 64, c:c + 64], 64)
+    x, y = hard_exudate_crop()
     torch.manual_seed(0)
-    model = tiny_adapter_model()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    classes = torch.tensor([[2]])
-    for _ in range(100):
-        parts = trainer.train_step(model, opt, x, y, classes)
-    with torch.no_grad():
-        prob = trainer.predict(model, x)
-    assert trainer.dice(prob[:, 2] >= 0.5, y[:, 2].numpy()) > 0.7, parts
+    score, parts = overfit_hard_exudates(tiny_adapter_model(), x, y)
+    assert score > 0.7, parts

@@ -25,13 +25,12 @@ from dataclasses import asdict
 from typing import Dict, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..sam.adapters import AdaptedTinyViTBlock, AdaptedViTBlock, AdapterSettings, add_adapters, encoder_steps
 from ..sam.sam import Sam
-from .model import lesion_bce, load_trainable_parameters, soft_iou_loss
+from .model import class_logits, lesion_bce, load_trainable_parameters, soft_iou_loss
 
 # The MSA paper's training set-up: adapters plus the decoder tail (see the module docstring).
 PAPER_SETTINGS = AdapterSettings(train_decoder_tail=True)
@@ -153,10 +152,7 @@ class AdapterSAM(nn.Module):
         features = embedding.repeat_interleave(k, dim=0) if b > 1 else embedding  # a batch of 1 is shared
         dense = self.no_mask_embed[None, :, None, None].expand(b * k, -1, *embedding.shape[-2:])
         low_res, iou = self.mask_decoder(features, self.image_pe, sparse, dense, multimask_output=False)
-        logits = low_res[:, 0]
-        if logits.shape[-2:] != images.shape[-2:]:
-            logits = F.interpolate(low_res, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        logits = logits.reshape(b, k, *images.shape[-2:])
+        logits = class_logits(low_res, b, k, images.shape[-2:])
         if not return_aux:
             return logits
         return logits, {"iou_pred": iou[:, 0].reshape(b, k)}

@@ -231,10 +231,7 @@ class TPDRSeg(nn.Module):
         features = self._neck(x)  # (B * K, C, h, w)
         sparse, dense = self.prompt_generator(features, flat_prior)
         low_res, iou = self.mask_decoder(features, self.image_pe, sparse, dense, multimask_output=False)
-        logits = low_res[:, 0]
-        if logits.shape[-2:] != images.shape[-2:]:
-            logits = F.interpolate(low_res, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        logits = logits.reshape(b, k, *images.shape[-2:])
+        logits = class_logits(low_res, b, k, images.shape[-2:])
         if not return_aux:
             return logits
         return logits, {"prior": prior, "similarity": similarity, "iou_pred": iou[:, 0].reshape(b, k)}
@@ -259,6 +256,14 @@ class TPDRSeg(nn.Module):
             parts["prior"] = float(prior_loss.detach())
         parts["loss"] = float(total.detach())
         return total, parts
+
+
+def class_logits(low_res: Tensor, batch: int, classes: int, size) -> Tensor:
+    """The decoder's single-mask output (B * K, 1, h, w), image-major, -> (B, K, *size) logits at the input size."""
+    logits = low_res[:, 0]
+    if logits.shape[-2:] != tuple(size):
+        logits = F.interpolate(low_res, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return logits.reshape(batch, classes, *size)
 
 
 def load_trainable_parameters(module: nn.Module, state: Dict[str, Tensor], what: str) -> None:
