@@ -15,7 +15,8 @@ Time: the encoder and the decoder per slice against LiteMedSAM (encoder + box de
 whole Colin27 volume (181 axial slices) through the served task (lib/infers/oneprompt.py: register a template,
 then `segment`), with and without the slices' features cached. Whole-volume Dice of every held-out AAL structure
 (`volume_dice`): a box template on Colin27, then the whole Colin27 volume and the second study,
-sample-data/mni152_t1.nii.gz (truth: AAL carried through the affines, approximate).
+sample-data/mni152_t1.nii.gz (truth: AAL carried through the affines, approximate), with the served task's volume
+gate (the default) and without it.
 """
 
 from __future__ import annotations
@@ -153,18 +154,23 @@ def volume_dice(model, structures=None) -> dict:
                   "roi": [int(i.min()), int(i.max()), int(j.min()), int(j.max()), k, k]})
             row = {}
             for study, (path, truth_label) in studies.items():
-                t = time.perf_counter()
-                result_path, info = task({"image": path, "template": name})
-                predicted = np.asarray(nib.load(result_path).dataobj) > 0
                 truth = truth_label == value
-                inter = float((predicted & truth).sum())
-                row[study] = {"dice": 2 * inter / max(1.0, float(predicted.sum() + truth.sum())),
-                              "labelled_slices": info["labelled_slices"],
-                              "slices_with_the_structure": int(truth.any((0, 1)).sum()),
-                              "slices": int(truth.shape[2]), "seconds": time.perf_counter() - t}
+                row[study] = {"slices_with_the_structure": int(truth.any((0, 1)).sum()),
+                              "slices": int(truth.shape[2])}
+                # with the volume gate (the served default), then without it (features cached: decoder only)
+                for suffix, gate in (("", True), ("_no_gate", False)):
+                    t = time.perf_counter()
+                    result_path, info = task({"image": path, "template": name, "volume_gate": gate})
+                    predicted = np.asarray(nib.load(result_path).dataobj) > 0
+                    inter = float((predicted & truth).sum())
+                    row[study].update({f"dice{suffix}": 2 * inter / max(1.0, float(predicted.sum() + truth.sum())),
+                                       f"labelled_slices{suffix}": info["labelled_slices"],
+                                       f"seconds{suffix}": time.perf_counter() - t})
             out["structures"][name] = row
-            print(name, json.dumps({s: round(r["dice"], 3) for s, r in row.items()}), flush=True)
-    out["mean_dice"] = {s: float(np.mean([r[s]["dice"] for r in out["structures"].values()])) for s in studies}
+            print(name, json.dumps({s: [round(r["dice"], 3), round(r["dice_no_gate"], 3)] for s, r in row.items()}),
+                  flush=True)
+    for key in ("dice", "dice_no_gate"):
+        out[f"mean_{key}"] = {s: float(np.mean([r[s][key] for r in out["structures"].values()])) for s in studies}
     return out
 
 
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
         print(json.dumps(report["volume_timing"], indent=1))
     if not args.skip_volume:
         report["volume_dice"] = volume_dice(model)
-        print(json.dumps(report["volume_dice"]["mean_dice"], indent=1))
+        print(json.dumps({k: report["volume_dice"][k] for k in ("mean_dice", "mean_dice_no_gate")}, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -11,9 +11,11 @@ Modes (request parameter `mode`):
   "<label>/<n>"; `templates`: a list of template ids or labels, to use just those). Volumes are segmented slice by
   slice across `axis` (default: the template's axis; a 2D template on a volume: the supplement's axis, the
   coarsest), over `slices` = [start, end) (default: all); 2D images in one go. Each template predicts every slice;
-  their probabilities are averaged (the paper's template ensembling) and thresholded at `threshold` (0.5). Only
-  slices with a prediction are labelled; slices that are uniform inside the image's non-zero box are skipped
-  without running the encoder.
+  their probabilities are averaged (the paper's template ensembling) and thresholded at `threshold` (0.5); slices
+  that are uniform inside the image's non-zero box are skipped without running the encoder. On volumes the
+  `volume_gate` (default on; our addition, see `consistent_run`) then keeps only the unbroken run of slices around
+  the most template-like one whose predicted region still looks like the template's (prototype cosine within
+  `gate_margin`, 0.1, of the peak): without it the decoder labels nearly every slice.
 - `interactive`: One-Prompt's interactive mode, template = query: the prompt on the current slice, answered on that
   slice, nothing stored.
 - `everything`: "segment everything": a `grid` x `grid` (default 8 x 8) lattice of positive clicks over the
@@ -26,7 +28,7 @@ The mode defaults to `segment` when `template`/`templates` is given, to `interac
 prompt, and to `segment` with the label's templates when only a `label` that has templates is given.
 
 Other parameters: `slice`, `axis` (0, 1 or 2; on volumes), `modality`, `ct_window` (as the other models), `label_value`
-(the output value, default 1), `threshold`, `result_extension`, `result_dtype`.
+(the output value, default 1), `threshold`, `volume_gate`, `gate_margin`, `result_extension`, `result_dtype`.
 
 Images are preprocessed as the decoder's training data were (oneprompt_frame.py). The encoder features of each
 (image, intensity, axis, slice) are cached in an LRU: the template's slice is encoded once for registration and
@@ -44,12 +46,13 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..errors import RequestError, bad_request, not_found
+from ..models.oneprompt import masked_prototype
 from ..volumes import LoadedImage, fingerprint, load_image, write_label
 from .cache import LazyModel, LRUCache
 from .oneprompt_frame import SliceFrame, model_input, nonzero_box, place_on_volume, slice_shape, slice_window
 from .oneprompt_prompts import parse_template_prompt, prompt_kind, uploaded_label
 from .oneprompt_templates import TemplateStore
-from .prompts import _as_list, _int_param
+from .prompts import _as_list, _int_param, flag_value
 from .sam_interactive import pick_device
 
 logger = logging.getLogger(__name__)
@@ -70,7 +73,8 @@ class OnePromptInfer(InferTask):
             dimension=3,  # `segment` answers a whole volume; the slice modes answer a volume with one slice set
             description=description,
             config={"mode": "", "modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
-                    "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7},
+                    "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7, "volume_gate": True,
+                    "gate_margin": 0.1},
         )
         self.model_factory = model_factory
         self.store = store
@@ -268,8 +272,11 @@ class OnePromptInfer(InferTask):
         indices = self.slice_range(req, image, axis)
         prompts = [self.model_prompt(t.prompt, t.image) for t in templates]
         threshold, value = _float(req, "threshold"), _label_value(req)
+        gate = axis is not None and _bool(req, "volume_gate")
+        margin = _float(req, "gate_margin")
+        prototypes = self.template_prototypes(templates, prompts, threshold) if gate else None
         volume = np.zeros(image.spatial_shape, dtype=np.uint8)
-        labelled, skipped = [], 0
+        masks, similarity, skipped = {}, {}, 0
         start = time.perf_counter()
         step = max(1, min(self.progress_every, len(indices) // 10 or 1))
         for n, index in enumerate(indices):
@@ -279,20 +286,41 @@ class OnePromptInfer(InferTask):
             else:
                 probs = torch.stack([self.probabilities(encoded[1], t.features, e)[0]
                                      for t, e in zip(templates, prompts)]).mean(0)
-                mask = (frame.to_slice(probs) > threshold).numpy()
-                if mask.any():
-                    place_on_volume(mask.astype(np.uint8) * value, image, axis, index, volume)
-                    labelled.append(index)
+                predicted = probs > threshold
+                if predicted.any():
+                    masks[index] = frame.to_slice(predicted.float()).numpy() > 0.5
+                    if gate:
+                        similarity[index] = prototype_consistency(encoded[1]["neck"], predicted, prototypes)
             if axis is not None and ((n + 1) % step == 0 or n + 1 == len(indices)):
                 logger.info(f"One-Prompt segment {_image_id(image.path)} with {len(templates)} template(s): "
                             f"{n + 1}/{len(indices)} slices ({100 * (n + 1) // len(indices)}%), "
                             f"{time.perf_counter() - start:.0f}s")
+        kept = consistent_run(indices, similarity, margin) if gate else sorted(masks)
+        for index in kept:
+            place_on_volume(masks[index].astype(np.uint8) * value, image, axis, index, volume)
         label = templates[0].label
+        gate_info = None
+        if gate:
+            gate_info = {"margin": margin, "predicted_slices": len(masks), "removed_slices": len(masks) - len(kept),
+                         "peak_slice": max(similarity, key=similarity.get) if similarity else None,
+                         "kept_range": [kept[0], kept[-1] + 1] if kept else None}
         return volume, {"label_names": {self.label_name(req, required=False) or label: value},
                         "templates": [t.id for t in templates], "axis": axis,
                         "slices": None if axis is None else [indices[0], indices[-1] + 1],
-                        "labelled_slices": len(labelled), "skipped_uniform_slices": skipped,
+                        "labelled_slices": len(kept), "skipped_uniform_slices": skipped, "volume_gate": gate_info,
                         "mask_voxels": int((volume > 0).sum())}
+
+    def template_prototypes(self, templates: list, prompts: list, threshold: float) -> torch.Tensor:
+        """(T, C) unit prototypes: each template's "neck" features averaged under its own prediction on its slice
+        (under the drawn prompt where that prediction is empty)."""
+        out = []
+        for t, prompt in zip(templates, prompts):
+            weights = (self.probabilities(t.features, t.features, prompt)[0] > threshold).float()[None, None]
+            if not weights.any():
+                with torch.inference_mode():
+                    weights = self.model.prompt_encoder.prompt_map(prompt)[:, :1].float().cpu()
+            out.append(masked_prototype(t.features["neck"].float(), weights)[0])
+        return torch.nn.functional.normalize(torch.stack(out), dim=1)
 
     @staticmethod
     def slice_range(req: dict, image: LoadedImage, axis: int | None) -> list:
@@ -396,6 +424,35 @@ def select_masks(probs: torch.Tensor, threshold: float, min_pixels: int, iou_thr
 
 
 # -- small helpers --------------------------------------------------------------------------------------------------
+def prototype_consistency(query_neck: torch.Tensor, predicted: torch.Tensor, prototypes: torch.Tensor) -> float:
+    """Cosine similarity between the query's "neck" features averaged under its predicted mask (S, S) and the
+    templates' prototypes (T, C), averaged over the templates: is what was drawn on this slice the template's
+    structure, or only something at the same place?"""
+    proto = masked_prototype(query_neck.float(), predicted.float()[None, None])[0]
+    return float((prototypes @ torch.nn.functional.normalize(proto, dim=0)).mean())
+
+
+def consistent_run(indices: list, similarity: Dict[int, float], margin: float) -> list:
+    """The volume gate: of the slices with a prediction (keys of `similarity`), keep the unbroken run of `indices`
+    around the most template-like slice in which every slice's similarity is within `margin` of that peak. Why:
+    trained only on queries that hold their structure (the paper's sampling), the decoder draws the template's
+    structure on nearly every slice of a volume, at the prompt's place; where the structure is absent, the features
+    under that drawing are those of other tissue, so their similarity to the template's prototype drops, and a
+    structure is one connected run of slices."""
+    if not similarity:
+        return []
+    peak = max(similarity, key=similarity.get)
+    floor = similarity[peak] - margin
+    position = {index: n for n, index in enumerate(indices)}
+    kept = [peak]
+    for direction in (1, -1):
+        n = position[peak] + direction
+        while 0 <= n < len(indices) and similarity.get(indices[n], -np.inf) >= floor:
+            kept.append(indices[n])
+            n += direction
+    return sorted(kept)
+
+
 def _to(prompt, device):
     for name in ("points", "labels", "boxes", "mask", "image"):
         value = getattr(prompt, name)
@@ -409,6 +466,13 @@ def _float(req: dict, key: str) -> float:
         return float(req.get(key))
     except (TypeError, ValueError) as e:
         raise bad_request(f"'{key}' must be a number, got {req.get(key)!r}") from e
+
+
+def _bool(req: dict, key: str) -> bool:
+    try:
+        return flag_value(req.get(key))
+    except ValueError as e:
+        raise bad_request(f"'{key}' must be true or false, got {req.get(key)!r}") from e
 
 
 def _int(req: dict, key: str) -> int:

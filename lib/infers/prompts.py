@@ -56,6 +56,18 @@ def _points(request: dict, name: str, ndim: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float64).reshape(-1, ndim)
 
 
+def flag_value(value) -> bool:
+    """A request's yes/no field: a bool, or its text ("true"/"false", "1"/"0", "yes"/"no", "on"/"off")."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def _int_param(request: dict, name: str):
     value = request.get(name)
     if value is None or value == "" or (isinstance(value, (int, float)) and value < 0 and name == "slice"):

@@ -31,6 +31,7 @@ from monailabel.tasks.train.basic_train import Context
 from ..evaluation import validate_prompts
 from ..infers.cache import LRUCache
 from ..infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor
+from ..infers.prompts import flag_value
 from ..models.sam.adapters import AdapterSettings, adapter_state, parameter_counts
 from ..volumes import load_image
 from .label_store import LabelStore
@@ -94,8 +95,8 @@ class MSATrainTask(LabelTrainTask):
             adapters = AdapterSettings.from_dict({**request, "depth_branch": depth > 1,
                                                   "bottleneck_ratio": float(request["bottleneck_ratio"]),
                                                   "mlp_scale": float(request["mlp_scale"]),
-                                                  "decoder_adapters": _flag(request["decoder_adapters"]),
-                                                  "train_decoder_tail": _flag(request["train_decoder_tail"])})
+                                                  "decoder_adapters": flag_value(request["decoder_adapters"]),
+                                                  "train_decoder_tail": flag_value(request["train_decoder_tail"])})
             training = AdapterTrainingSettings(
                 epochs=int_field(request, "epochs", 1, 1000), batch_size=int_field(request, "batch_size", 1, 64),
                 learning_rate=float(request["learning_rate"]),
@@ -241,14 +242,3 @@ class MSATrainTask(LabelTrainTask):
 
 def _where(plan: dict) -> dict:
     return {"image": os.path.basename(plan["image"]), "axis": plan["axis"], "index": plan["index"]}
-
-
-def _flag(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")

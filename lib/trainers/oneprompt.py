@@ -44,7 +44,7 @@ from monai.transforms import (Compose, MapTransform, RandAdjustContrastd, RandFl
 from scipy import ndimage
 
 from ..data.oneprompt_tasks import load_shard
-from ..models.oneprompt import OnePromptModel, Prompt, SegLabAutoencoder, train_seglab
+from ..models.oneprompt import OnePromptModel, Prompt, SegLabAutoencoder, masked_prototype, train_seglab
 from ..models.oneprompt.prompt_encoder import PROMPT_KINDS, scribble_points
 from ..models.oneprompt.seglab import dice_loss
 
@@ -693,11 +693,9 @@ def prototype_similarity(query_neck: torch.Tensor, template_neck: torch.Tensor, 
     """PerSAM's training-free location prior without its refinement: the masked average of the template's neck
     features (mask area-pooled to the feature grid) against every query feature by cosine similarity, upsampled
     to (B, S, S)."""
-    t = template_neck.float()[0]  # (C, h, w)
-    m = F.adaptive_avg_pool2d(torch.from_numpy(template_mask.astype(np.float32))[None, None], t.shape[-1])[0, 0]
-    proto = (t * m).sum((1, 2)) / m.sum().clamp_min(1e-6)
+    proto = masked_prototype(template_neck.float()[:1], torch.from_numpy(template_mask.astype(np.float32))[None, None])
     q = F.normalize(query_neck.float(), dim=1)
-    sim = torch.einsum("bchw,c->bhw", q, F.normalize(proto, dim=0))
+    sim = torch.einsum("bchw,c->bhw", q, F.normalize(proto[0], dim=0))
     return F.interpolate(sim[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 

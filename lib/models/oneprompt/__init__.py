@@ -3,12 +3,14 @@ implementation from the paper and its supplement: prompt encoder (click, box, do
 autoencoder, Prompt-Parser, One-Prompt Former decoder on a frozen LiteMedSAM TinyViT encoder."""
 
 from .former import OnePromptFormerBlock
-from .model import DEFAULT_HEAD_SKIPS, DEFAULT_LEVELS, OnePromptModel, TinyViTFeatures, build_oneprompt
+from .model import (DEFAULT_HEAD_SKIPS, DEFAULT_LEVELS, OnePromptModel, TinyViTFeatures, build_oneprompt,
+                    masked_prototype)
 from .prompt_encoder import Prompt, PromptEncoder, scribble_points
 from .prompt_parser import PromptParser
 from .seglab import SegLabAutoencoder, train_seglab
 
 __all__ = [
     "DEFAULT_HEAD_SKIPS", "DEFAULT_LEVELS", "OnePromptFormerBlock", "OnePromptModel", "Prompt", "PromptEncoder",
-    "PromptParser", "SegLabAutoencoder", "TinyViTFeatures", "build_oneprompt", "scribble_points", "train_seglab",
+    "PromptParser", "SegLabAutoencoder", "TinyViTFeatures", "build_oneprompt", "masked_prototype", "scribble_points",
+    "train_seglab",
 ]

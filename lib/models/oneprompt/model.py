@@ -81,6 +81,13 @@ class TinyViTFeatures(nn.Module):
         return out
 
 
+def masked_prototype(fmap: Tensor, mask: Tensor) -> Tensor:
+    """(B, C, h, w) features and (B, 1, H, W) mask weights in [0, 1] (H a multiple of h) -> (B, C): the features
+    averaged under the mask, area-pooled to the feature grid (the prototype of PANet and PerSAM)."""
+    cells = F.adaptive_avg_pool2d(mask.float(), fmap.shape[-1])
+    return (fmap * cells).sum((2, 3)) / cells.sum((2, 3)).clamp_min(1e-6)
+
+
 class OnePromptModel(nn.Module):
     def __init__(self, image_encoder: nn.Module, embed_dim: int = 128,
                  levels: Sequence[Tuple[str, int]] = DEFAULT_LEVELS,
@@ -229,11 +236,9 @@ class OnePromptModel(nn.Module):
         the query's cosine similarity to the prompted and to the unprompted template "neck" features."""
         q = query_features["neck"].float()
         t = template_features["neck"].float().to(q.device)
-        cells = F.adaptive_avg_pool2d(drawn.float().to(q.device), t.shape[-1])  # (B_t, 2, h, w)
-        inside = cells[:, :1]
-        outside = 1 - inside
-        proto_in = (t * inside).sum((2, 3)) / inside.sum((2, 3)).clamp_min(1e-6)  # (B_t, C)
-        proto_out = (t * outside).sum((2, 3)) / outside.sum((2, 3)).clamp_min(1e-6)
+        inside = drawn[:, :1].float().to(q.device)
+        proto_in = masked_prototype(t, inside)  # (B_t, C)
+        proto_out = masked_prototype(t, 1 - inside)
         qn = F.normalize(q, dim=1)
         sim_in = torch.einsum("bchw,bc->bhw", qn, F.normalize(proto_in, dim=1).expand(q.shape[0], -1))
         sim_out = torch.einsum("bchw,bc->bhw", qn, F.normalize(proto_out, dim=1).expand(q.shape[0], -1))
