@@ -286,10 +286,11 @@ class OnePromptInfer(InferTask):
             else:
                 probs = torch.stack([self.probabilities(encoded[1], t.features, e)[0]
                                      for t, e in zip(templates, prompts)]).mean(0)
+                mask = (frame.to_slice(probs) > threshold).numpy()
                 predicted = probs > threshold
-                if predicted.any():
-                    masks[index] = frame.to_slice(predicted.float()).numpy() > 0.5
-                    if gate:
+                if mask.any():
+                    masks[index] = mask
+                    if gate and predicted.any():
                         similarity[index] = prototype_consistency(encoded[1]["neck"], predicted, prototypes)
             if axis is not None and ((n + 1) % step == 0 or n + 1 == len(indices)):
                 logger.info(f"One-Prompt segment {_image_id(image.path)} with {len(templates)} template(s): "
