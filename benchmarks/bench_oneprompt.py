@@ -121,7 +121,7 @@ def time_volume(model) -> dict:
             "volume_dice": 2 * inter / max(1.0, float(predicted.sum() + truth.sum()))}
 
 
-def volume_dice(model, structures=None) -> dict:
+def volume_dice(model, structures=None, gate_margin: float = 0.1) -> dict:
     """Whole-volume Dice of the held-out AAL structures (templates never trained on): for each, a box template on
     Colin27's slice where the structure is largest, then (a) the whole Colin27 volume (the same study: every other
     slice, including the ~150 where the structure is absent) and (b) a SECOND STUDY, the MNI152 2009a template
@@ -160,7 +160,8 @@ def volume_dice(model, structures=None) -> dict:
                 # with the volume gate (the served default), then without it (features cached: decoder only)
                 for suffix, gate in (("", True), ("_no_gate", False)):
                     t = time.perf_counter()
-                    result_path, info = task({"image": path, "template": name, "volume_gate": gate})
+                    result_path, info = task({"image": path, "template": name, "volume_gate": gate,
+                                              "gate_margin": gate_margin})
                     predicted = np.asarray(nib.load(result_path).dataobj) > 0
                     inter = float((predicted & truth).sum())
                     row[study].update({f"dice{suffix}": 2 * inter / max(1.0, float(predicted.sum() + truth.sum())),
@@ -180,7 +181,11 @@ def main(argv=None) -> int:
     p.add_argument("--templates", type=int, default=None, help="templates per held-out task (default: all, 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-volume", action="store_true", help="no whole-volume timing or Dice")
-    p.add_argument("--skip-dice", action="store_true", help="timings only")
+    p.add_argument("--skip-dice", action="store_true", help="no held-out slice Dice (timings and whole-volume Dice only)")
+    p.add_argument("--volume-structures", default=None,
+                   help="comma-separated AAL names for the whole-volume Dice (default: the held-out ones); the gate's "
+                        "margin was chosen on training structures this way")
+    p.add_argument("--gate-margin", type=float, default=0.1, help="the volume gate's margin (served default 0.1)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -209,7 +214,8 @@ def main(argv=None) -> int:
         report["volume_timing"] = time_volume(model)
         print(json.dumps(report["volume_timing"], indent=1))
     if not args.skip_volume:
-        report["volume_dice"] = volume_dice(model)
+        structures = args.volume_structures.split(",") if args.volume_structures else None
+        report["volume_dice"] = volume_dice(model, structures, args.gate_margin)
         print(json.dumps({k: report["volume_dice"][k] for k in ("mean_dice", "mean_dice_no_gate")}, indent=1))
     if args.json:
         with open(args.json, "w") as f:
