@@ -181,7 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--templates", type=int, default=None, help="templates per held-out task (default: all, 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-volume", action="store_true", help="no whole-volume timing or Dice")
-    p.add_argument("--skip-dice", action="store_true", help="no held-out slice Dice (timings and whole-volume Dice only)")
+    p.add_argument("--skip-dice", action="store_true",
+                   help="no held-out slice Dice (timings and whole-volume Dice only)")
     p.add_argument("--volume-structures", default=None,
                    help="comma-separated AAL names for the whole-volume Dice (default: the held-out ones); the gate's "
                         "margin was chosen on training structures this way")
