@@ -18,8 +18,8 @@ Pieces:
   eroded mask, negative = a stroke in a band outside the mask, both as sampled points; SegLab: the template mask.
 - `TaskSampler`: task (uniform over training tasks), then modality, then sample; the template from the same task's
   template split; a random prompt kind per pair.
-- `train_decoder`: class-weighted CE (binary, with logits) + Dice, one prompt kind per batch, AdamW (0.9, 0.999), linear warm-up then cosine decay, atomic
-  resumable checkpoints.
+- `train_decoder`: class-weighted CE (binary, with logits) + Dice, one prompt kind per batch, AdamW (0.9, 0.999),
+  linear warm-up then cosine decay, atomic resumable checkpoints.
 - `evaluate`: held-out tasks, per prompt kind, mean Dice of the queries given each template of the task's template
   split, against (a) frozen LiteMedSAM given the template's prompt copied onto the query and (b) a training-free
   prototype baseline (masked average of the template's neck features, cosine similarity on the query's).
