@@ -233,6 +233,8 @@ def test_a_2d_image_is_prompted_and_answered_as_a_2d_label(server):
     ({"mode": "register", "label": "X", "seglab_label": "final", "seglab_value": 250}, 400, "no voxel"),
     ({"mode": "interactive", "foreground": [[60, 120, 66]], "axis": 5}, 400, "'axis'"),
     ({}, 400, "no prompt"),
+    ({"template": "Putamen_L", "gate_margin": -1}, 400, "'gate_margin'"),
+    ({"template": "Putamen_L", "volume_gate": "maybe"}, 400, "'volume_gate'"),
 ])
 def test_bad_requests_are_answered_clearly(server, params, status, message):
     response = post(server, params)

@@ -274,6 +274,8 @@ class OnePromptInfer(InferTask):
         threshold, value = _float(req, "threshold"), _label_value(req)
         gate = axis is not None and _bool(req, "volume_gate")
         margin = _float(req, "gate_margin")
+        if not margin >= 0:
+            raise bad_request(f"'gate_margin' must be a cosine margin >= 0 (default 0.1), got {margin}")
         prototypes = self.template_prototypes(templates, prompts, threshold) if gate else None
         volume = np.zeros(image.spatial_shape, dtype=np.uint8)
         masks, similarity, skipped = {}, {}, 0
