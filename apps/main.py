@@ -1,4 +1,5 @@
-"""The MONAI Label app: wiring only. Models, transforms and tasks live in lib/ at the repository root."""
+"""The MONAI Label app: wiring only. Configs are discovered in lib/configs (every TaskConfig subclass there) and
+share the served models; models, transforms and tasks live in lib/ at the repository root."""
 
 import logging
 import os
@@ -10,38 +11,44 @@ if REPO_ROOT not in sys.path:  # MONAI Label puts only this folder on the path; 
 
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.config import TaskConfig  # noqa: E402
+from monailabel.utils.others.class_utils import get_class_names  # noqa: E402
 
-from lib.configs.litemedsam import LiteMedSAMConfig  # noqa: E402
-from lib.configs.meta_sam import MetaSAMConfig  # noqa: E402
-from lib.configs.msa import MSAConfig  # noqa: E402
-from lib.configs.oneprompt import OnePromptConfig  # noqa: E402
-from lib.configs.settings import load_settings, resolve_path  # noqa: E402
-from lib.configs.tpdrseg import TPDRSegConfig  # noqa: E402
-from lib.errors import not_found  # noqa: E402
-from lib.infers.oneprompt_prompts import resolve_label_tags  # noqa: E402
+import lib.configs  # noqa: E402
+from lib.configs.backbones import ServedModels  # noqa: E402
+from lib.core.errors import bad_request, not_found  # noqa: E402
+from lib.core.settings import load_settings, resolve_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+
+def discovered_configs() -> dict[str, type]:
+    """{config name (its module's name): class} for every TaskConfig in lib/configs, as MONAI Label's sample apps
+    find theirs."""
+    configs = {}
+    for path in get_class_names(lib.configs, "TaskConfig"):
+        module, _, cls = path.rpartition(".")
+        configs[module.rpartition(".")[2]] = getattr(sys.modules[module], cls)
+    return dict(sorted(configs.items()))
 
 
 class PromptableSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         settings = load_settings(conf)
         model_dir = resolve_path(settings["models_dir"], app_dir)
-        bases: dict[str, TaskConfig] = {"litemedsam": LiteMedSAMConfig()}
-        if settings.get("sam_checkpoint"):
-            bases[f"sam_{settings['sam_variant']}"] = MetaSAMConfig()
+        available = discovered_configs()
+        chosen = [m.strip() for m in str(conf.get("models") or "all").split(",") if m.strip()]
+        if chosen == ["all"]:
+            chosen = list(available)
+        unknown = sorted(set(chosen) - set(available))
+        if unknown:
+            raise bad_request(f"--conf models: unknown {unknown}; available: {', '.join(available)}")
+        served = ServedModels(model_dir, settings)  # one copy of each SAM-family model, shared by every config
         self.task_configs: dict[str, TaskConfig] = {}
-        for name, config in bases.items():
-            config.init(name, model_dir, conf, None)
-            adapters = MSAConfig()  # MSA adapters on this model's frozen backbone
-            adapters.init(f"{name}_msa", model_dir, conf, None, base=config)
-            self.task_configs.update({name: config, f"{name}_msa": adapters})
-        oneprompt = OnePromptConfig()  # One-Prompt on LiteMedSAM's encoder (shared with the litemedsam model)
-        oneprompt.init("oneprompt", model_dir, conf, None, base=bases["litemedsam"])
-        self.task_configs["oneprompt"] = oneprompt
-        tpdrseg = TPDRSegConfig()  # TP-DRSeg on LiteMedSAM's frozen encoder (shared with the litemedsam model)
-        tpdrseg.init("tpdrseg", model_dir, conf, None, base=bases["litemedsam"])
-        self.task_configs["tpdrseg"] = tpdrseg
+        for name in chosen:
+            config = available[name]()
+            config.init(name, model_dir, conf, None, served=served)
+            self.task_configs[name] = config
+        logger.info(f"configs: {', '.join(self.task_configs)}")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Promptable medical SAM",
                          description="Click, box or prompt medical images with SAM-family foundation models",
                          version="0.1.0")
@@ -54,10 +61,8 @@ class PromptableSAMApp(MONAILabelApp):
 
     def init_trainers(self):
         trainers = {}
-        for name, config in self.task_configs.items():
-            task = config.trainer()
-            if task:
-                trainers[name] = task
+        for config in self.task_configs.values():
+            trainers.update(config.trainer() or {})
         return trainers
 
     def infer(self, request, datastore=None):
@@ -66,5 +71,8 @@ class PromptableSAMApp(MONAILabelApp):
             store = datastore or self.datastore()
             if not store.get_image_uri(image):
                 raise not_found(f"unknown image {image!r}: it is not in the datastore")
-            resolve_label_tags(request, store)  # One-Prompt's SegLab/doodle prompts may name a label tag ("final")
+            task = self._infers.get(request.get("model"))
+            resolve = getattr(task, "resolve_datastore_references", None)
+            if resolve:  # e.g. One-Prompt's SegLab/doodle prompts may name a label tag ("final") of the image
+                resolve(request, store)
         return super().infer(request, datastore)

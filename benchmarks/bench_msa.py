@@ -4,7 +4,7 @@ box with up to 5 corrective clicks (active validation). Also a depth-branch adap
 
     .venv/bin/python benchmarks/bench_msa.py [--structures putamen_L thalamus_L] [--json out.json]
 
-Slices are planned as the train task plans them (lib/trainers/msa_task.plan_adapter_slices): of the axial slices
+Slices are planned as the train task plans them (lib/msa/train_task.plan_adapter_slices): of the axial slices
 holding the structure, 6 evenly spread are held out, their neighbours (gap 1) left out, the rest train. Each
 configuration trains from scratch with the task's defaults (20 epochs, batch 4, AdamW 3e-3 on adapters).
 """
@@ -23,16 +23,17 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lib.evaluation import dice, validate_prompts  # noqa: E402
-from lib.infers.cache import LRUCache  # noqa: E402
-from lib.infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor  # noqa: E402
-from lib.infers.prompts import SlicePrompt  # noqa: E402
+from lib.core.cache import EmbeddingKey  # noqa: E402
+from lib.core.evaluation import dice, validate_prompts  # noqa: E402
+from lib.core.cache import LRUCache  # noqa: E402
+from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor  # noqa: E402
+from lib.core.prompts import SlicePrompt  # noqa: E402
 from lib.models.sam import build_litemedsam  # noqa: E402
 from lib.models.sam.adapters import AdapterSettings, adapter_state, parameter_counts, volumetric  # noqa: E402
-from lib.trainers.msa import AdapterLearner, AdapterTrainingSettings  # noqa: E402
-from lib.trainers.msa_task import plan_adapter_slices  # noqa: E402
-from lib.transforms import ModelFrame, Window, extract_slice, resize_to_model  # noqa: E402
-from lib.volumes import load_image  # noqa: E402
+from lib.msa.learner import AdapterLearner, AdapterTrainingSettings  # noqa: E402
+from lib.msa.train_task import plan_adapter_slices  # noqa: E402
+from lib.core.transforms import ModelFrame, Window, extract_slice, resize_to_model  # noqa: E402
+from lib.core.images import load_image  # noqa: E402
 
 DATA = os.path.join(REPO, "sample-data")
 IMAGE, LABEL = os.path.join(DATA, "colin27_t1.nii.gz"), os.path.join(DATA, "labels", "final", "colin27_t1.nii.gz")
@@ -116,7 +117,7 @@ def box_volume_dice(model, data: Data, depth: int, k0: int, k1: int) -> float:
     stacks = {}
     for k in range(k0, k1 + 1):
         slice_image, mask = data.slice(k)
-        key = ("bench", k)
+        key = EmbeddingKey("bench", axis=2, index=k)
         if depth > 1:
             start = (k // depth) * depth
             if start not in stacks:
@@ -126,7 +127,7 @@ def box_volume_dice(model, data: Data, depth: int, k0: int, k1: int) -> float:
                 with torch.inference_mode(), volumetric(depth):
                     stacks[start] = model.encode(x)
             embedding = stacks[start][k - start:k - start + 1]
-            predictor.embeddings.get_or_compute(key + (Window.whole(mask.shape).as_tuple(),), lambda: embedding)
+            predictor.embeddings.get_or_compute(key.at(Window.whole(mask.shape)), lambda: embedding)
         prompt = SlicePrompt(2, k, np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), box)
         predicted.append(predictor.predict(slice_image, prompt, key, direct=True)[0])
         truth.append(mask)
@@ -147,7 +148,7 @@ def main() -> None:
     for structure in args.structures:
         data = Data(STRUCTURES[structure])
         plan = plan_adapter_slices([(IMAGE, LABEL)], data.value, 2, None, 6, 1)
-        held_out = [(*data.slice(p.index), 2, p.index, ("held", p.index)) for p in plan if p.role == "validation"]
+        held_out = [(*data.slice(p.index), 2, p.index, EmbeddingKey("held", axis=2, index=p.index)) for p in plan if p.role == "validation"]
         frozen = held_out_dice(base, held_out, direct=False, zoom=True)
         rows.append({"structure": structure, "config": "frozen LiteMedSAM (as served)", **_scores(frozen)})
         print(json.dumps(rows[-1]), flush=True)

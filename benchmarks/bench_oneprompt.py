@@ -6,13 +6,13 @@ and per volume.
 
 Dice: every held-out task of data/oneprompt (tasks no training step saw: six AAL structure pairs, all INIA19
 macaque regions, the nuclei), each query of its test split given each template of its template split with an
-oracle prompt of each kind (lib.trainers.oneprompt.evaluate). Baselines: (a) frozen LiteMedSAM given the template's
+oracle prompt of each kind (lib.oneprompt.training.evaluate). Baselines: (a) frozen LiteMedSAM given the template's
 prompt copied onto the query (the box; the click as a point; the doodle's box), (b) the training-free prototype
 (masked average of the template's encoder features under its mask, cosine similarity on the query, threshold
 calibrated on training tasks). Reported per task group and overall (tasks weighted equally).
 
 Time: the encoder and the decoder per slice against LiteMedSAM (encoder + box decoder) in the same run, and a
-whole Colin27 volume (181 axial slices) through the served task (lib/infers/oneprompt.py: register a template,
+whole Colin27 volume (181 axial slices) through the served task (lib/oneprompt/infer.py: register a template,
 then `segment`), with and without the slices' features cached. Whole-volume Dice of every held-out AAL structure
 (`volume_dice`): a box template on Colin27, then the whole Colin27 volume and the second study,
 sample-data/mni152_t1.nii.gz (truth: AAL carried through the affines, approximate), with the served task's volume
@@ -35,13 +35,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from lib.configs.oneprompt import DEFAULT_WEIGHTS, load_oneprompt  # noqa: E402
-from lib.infers.oneprompt import OnePromptInfer  # noqa: E402
-from lib.infers.oneprompt_templates import TemplateStore  # noqa: E402
-from lib.models.oneprompt import Prompt  # noqa: E402
-from lib.models.oneprompt.prompt_encoder import PROMPT_KINDS  # noqa: E402
+from lib.oneprompt.infer import OnePromptInfer  # noqa: E402
+from lib.oneprompt.templates import TemplateStore  # noqa: E402
+from lib.oneprompt.model import Prompt  # noqa: E402
+from lib.oneprompt.model.prompt_encoder import PROMPT_KINDS  # noqa: E402
 from lib.models.sam import build_litemedsam  # noqa: E402
-from lib.trainers import oneprompt as op  # noqa: E402
-from lib.transforms.geometry import labels_on_grid  # noqa: E402
+from lib.oneprompt import training as op  # noqa: E402
+from lib.core.transforms.geometry import labels_on_grid  # noqa: E402
 
 from bench_models import median_ms  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
@@ -127,11 +127,11 @@ def volume_dice(model, structures=None, gate_margin: float = 0.1) -> dict:
     slice, including the ~150 where the structure is absent) and (b) a SECOND STUDY, the MNI152 2009a template
     (sample-data/mni152_t1.nii.gz, from the nilearn wheel; another brain, an average of 152 subjects, scanned and
     processed differently), whose truth is AAL carried onto its grid through both images' affines
-    (lib.transforms.geometry.labels_on_grid; both in MNI space; APPROXIMATE: AAL was drawn on Colin27, so boundaries
+    (lib.core.transforms.geometry.labels_on_grid; both in MNI space; APPROXIMATE: AAL was drawn on Colin27, so boundaries
     can be off by a few mm)."""
     import nibabel as nib
 
-    from lib.data.oneprompt_tasks import HELDOUT_AAL
+    from lib.oneprompt.dataset import HELDOUT_AAL
 
     image = os.path.join(SAMPLE, "colin27_t1.nii.gz")
     label_img = nib.load(os.path.join(SAMPLE, "labels", "final", "colin27_t1.nii.gz"))

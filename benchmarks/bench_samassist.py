@@ -5,7 +5,7 @@ slices with n random clicks (n foreground + n background, as the paper samples t
 
 Structures: Colin27 T1 left thalamus (AAL 77) and left putamen (AAL 73), axial. Training slices are drawn as the
 paper does (normal around the median foreground slice); every other foreground slice is held out. Also shown:
-the app's click without learning (box search, lib/infers/predictor.py) for one click.
+the app's click without learning (box search, lib/core/predictor.py) for one click.
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lib.evaluation import Target, click_prompt, dice, validate_prompts  # noqa: E402
-from lib.infers.cache import LRUCache  # noqa: E402
-from lib.infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor  # noqa: E402
+from lib.core.cache import EmbeddingKey  # noqa: E402
+from lib.core.evaluation import Target, click_prompt, dice, jitter_box, validate_prompts  # noqa: E402
+from lib.core.cache import LRUCache  # noqa: E402
+from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor  # noqa: E402
 from lib.models.sam import build_litemedsam  # noqa: E402
-from lib.trainers.samassist import (PromptEncoderLearner, PromptLearningSettings, jitter_box, sample_points,  # noqa: E402
+from lib.sammed.samassist import (PromptEncoderLearner, PromptLearningSettings, sample_points,  # noqa: E402
                                     select_training_slices)
-from lib.transforms import (ModelFrame, Window, apply_intensity_range, compute_intensity_range, extract_slice,  # noqa: E402
+from lib.core.transforms import (ModelFrame, Window, apply_intensity_range, compute_intensity_range, extract_slice,  # noqa: E402
                             resize_to_model)
-from lib.volumes import load_image  # noqa: E402
+from lib.core.images import load_image  # noqa: E402
 
 DATA = os.path.join(REPO, "sample-data")
 STRUCTURES = {"thalamus_L": 77, "putamen_L": 73}
@@ -88,10 +89,10 @@ def run(model) -> list[dict]:
                     scores.setdefault(f"{which} box (jittered)", []).append(dice(pred, mask))
                 target = Target(name, mask)
                 scores.setdefault("app click, no learning (box search)", []).append(
-                    dice(predictor.predict(image_slice, click_prompt(target, 2, k), (name, k))[0], mask))
-            # Active validation (the paper's, lib/evaluation): a jittered box, then 5 corrective clicks, through the
+                    dice(predictor.predict(image_slice, click_prompt(target, 2, k), EmbeddingKey(name, axis=2, index=k))[0], mask))
+            # Active validation (the paper's, lib/core/evaluation): a jittered box, then 5 corrective clicks, through the
             # app's predictor, as the train task reports it.
-            items = [(slice_of(k), mask_of(k), 2, k, (name, k)) for k in held_out]
+            items = [(slice_of(k), mask_of(k), 2, k, EmbeddingKey(name, axis=2, index=k)) for k in held_out]
             shared = LRUCache(len(items) + 1)
             for which, encoder in (("vanilla", None), ("learned", encoders["points"])):
                 served = PromptPredictor(model, torch.device("cpu"), shared, ObjectMemory(), PredictorSettings())

@@ -4,7 +4,7 @@ refines it; the paper's ablation (its Table 5) on our data.
     .venv/bin/python benchmarks/bench_samauto.py [--json out.json]
 
 Structures: Colin27 T1 left thalamus (AAL 77) and left putamen (AAL 73), axial, all 181 slices. Training slices are
-drawn as the paper does (normal around the median foreground slice, lib/trainers/samassist.py). Score: 3D Dice over
+drawn as the paper does (normal around the median foreground slice, lib/sammed/samassist.py). Score: 3D Dice over
 every slice of the volume except the annotated ones (those are the user's; counting them would flatter every row
 equally). Rows:
 - the coarse mask (SAP-Net alone): PANet on the frozen SAM features (cross-entropy, no position encoding), + the
@@ -33,15 +33,16 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lib.evaluation import dice  # noqa: E402
-from lib.infers.auto_segment import AutoSegmentSettings, auto_segment  # noqa: E402
-from lib.infers.cache import LRUCache  # noqa: E402
-from lib.infers.predictor import ObjectMemory, PromptPredictor  # noqa: E402
+from lib.core.cache import EmbeddingKey  # noqa: E402
+from lib.core.evaluation import dice  # noqa: E402
+from lib.sammed.auto_segment import AutoSegmentSettings, auto_segment  # noqa: E402
+from lib.core.cache import LRUCache  # noqa: E402
+from lib.core.predictor import ObjectMemory, PromptPredictor  # noqa: E402
 from lib.models.sam import build_litemedsam  # noqa: E402
-from lib.trainers.samassist import PromptEncoderLearner, PromptLearningSettings, select_training_slices  # noqa: E402
-from lib.trainers.sapnet import SAPNetLearner, SAPNetSettings, keep_largest_components, load_sapnet  # noqa: E402
-from lib.transforms import Window, apply_intensity_range, compute_intensity_range, extract_slice  # noqa: E402
-from lib.volumes import load_image  # noqa: E402
+from lib.sammed.samassist import PromptEncoderLearner, PromptLearningSettings, select_training_slices  # noqa: E402
+from lib.sammed.sapnet import SAPNetLearner, SAPNetSettings, keep_largest_components, load_sapnet  # noqa: E402
+from lib.core.transforms import Window, apply_intensity_range, compute_intensity_range, extract_slice  # noqa: E402
+from lib.core.images import load_image  # noqa: E402
 
 DATA = os.path.join(REPO, "sample-data")
 STRUCTURES = {"thalamus_L": 77, "putamen_L": 73}
@@ -78,7 +79,7 @@ def run(model) -> tuple[list[dict], dict]:
     shape = tuple(extract_slice(image.array[:1], 2, 0).shape[-2:])
     # The infer task's embedding cache, large enough for the volume: each slice is encoded once.
     predictor = PromptPredictor(model, torch.device("cpu"), LRUCache(num_slices), ObjectMemory())
-    embed = lambda k: predictor.embed(slice_of(k), Window.whole(shape), ("colin27", k))[0]
+    embed = lambda k: predictor.embed(slice_of(k), Window.whole(shape), EmbeddingKey("colin27", axis=2, index=k))[0]
     start = time.perf_counter()
     for k in range(num_slices):
         embed(k)

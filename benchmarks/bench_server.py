@@ -21,7 +21,7 @@ import numpy as np
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.helpers import Server, copy_sample_data, read_label  # noqa: E402
+from tests.helpers import Server, copy_sample_data  # noqa: E402
 
 IMAGES = ("colin27_t1", "head_ct")
 

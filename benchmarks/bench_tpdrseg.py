@@ -6,15 +6,15 @@
 Models (a missing one is skipped, with the reason printed):
 * TP-DRSeg reading each class's explicit description (the method): `--desc`, a trainer run folder or an exported .pt;
   default: the served weights (`tpdrseg_weights` of configs/app.yaml, by default
-  lib/models/tpdrseg/weights/tpdrseg_litemedsam.pt) when present, else data/tpdrseg/run_desc;
+  lib/tpdrseg/weights/tpdrseg_litemedsam.pt) when present, else data/tpdrseg/run_desc;
 * TP-DRSeg reading the bare class names (the paper's ablation): `--names`; default
-  lib/models/tpdrseg/weights/tpdrseg_litemedsam_names.pt when present, else data/tpdrseg/run_name;
+  lib/tpdrseg/weights/tpdrseg_litemedsam_names.pt when present, else data/tpdrseg/run_name;
 * the MSA adapter baseline (learned class tokens, no text): `--adapter`, a trainer run folder (default
   data/tpdrseg/run_adapter);
 * zero-shot LiteMedSAM (frozen, never trained here), prompted with one box over the whole image: it is class-agnostic,
   so its one mask and its probabilities are scored against every class (the paper's "Vanilla SAM" row).
 
-All on the same frozen LiteMedSAM encoder weights, on the first N of the 20 test images (lib/data/fundus_lesions.py),
+All on the same frozen LiteMedSAM encoder weights, on the first N of the 20 test images (lib/tpdrseg/dataset.py),
 at the models' 256 px as the trainer evaluates them (`prepare_arrays`: area-averaged images, max-pooled masks), scored
 by the trainer's `lesion_metrics`: per class Dice at 0.5, AUC-ROC and AUC-PR with all pixels pooled, and their means.
 Time: ms per image for all four classes on CPU (TP-DRSeg runs its injected encoder once per class, the adapter and
@@ -40,19 +40,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lib.data.fundus_lesions import ABBREVIATIONS, CLASSES  # noqa: E402
-from lib.trainers.tpdrseg import DEFAULT_DATA, lesion_metrics, prepare_arrays  # noqa: E402
+from lib.tpdrseg.dataset import ABBREVIATIONS, CLASSES  # noqa: E402
+from lib.tpdrseg.training import DEFAULT_DATA, lesion_metrics, prepare_arrays  # noqa: E402
 
-NAMES_WEIGHTS = REPO / "lib" / "models" / "tpdrseg" / "weights" / "tpdrseg_litemedsam_names.pt"
+NAMES_WEIGHTS = REPO / "lib" / "tpdrseg" / "weights" / "tpdrseg_litemedsam_names.pt"
 RUNS = REPO / "data" / "tpdrseg"
-SYNTHETIC_HEADER = ("Lesions are SYNTHETIC (painted on a real normal fundus by lib/data/fundus_lesions.py): these "
+SYNTHETIC_HEADER = ("Lesions are SYNTHETIC (painted on a real normal fundus by lib/tpdrseg/dataset.py): these "
                     "numbers say nothing about real DR images. TP-DRSeg's offline prior uses MiniLM "
                     "(all-MiniLM-L6-v2) + a learned projection, not CLIP.")
 
 
 def configured_weights() -> Path:
     """The TP-DRSeg weights the server is configured with (configs/app.yaml `tpdrseg_weights`, else its default)."""
-    from lib.configs.settings import REPO_ROOT, load_settings, resolve_path
+    from lib.core.settings import REPO_ROOT, load_settings, resolve_path
     from lib.configs.tpdrseg import DEFAULT_WEIGHTS
 
     return Path(resolve_path(load_settings().get("tpdrseg_weights") or DEFAULT_WEIGHTS, REPO_ROOT))
@@ -96,7 +96,7 @@ class ZeroShotLiteMedSAM:
 
 def load_tpdrseg(path: Path, shared_sam, expected_class_text: str):
     """(TrainedModel, notes) from a trainer run folder or an exported .pt, read as the server reads it."""
-    from lib.infers.tpdrseg import TPDRSegModels
+    from lib.tpdrseg.infer import TPDRSegModels
 
     loader = TPDRSegModels(str(path), str(path) + ".no-trained-weights", lambda device: shared_sam, device="cpu")
     model, meta = loader.load(str(path))
@@ -124,9 +124,9 @@ def load_adapter(run_dir: Path):
     """(TrainedModel, notes) of an adapter-baseline trainer run, on its own LiteMedSAM (the adapters are added to
     the backbone's blocks, so it is not shared with the other rows)."""
     from lib.models.sam import build_litemedsam
-    from lib.models.sam.adapters import AdapterSettings
-    from lib.models.tpdrseg.baselines import AdapterSAM
-    from lib.trainers.tpdrseg import load_trained
+    from lib.msa.adapters import AdapterSettings
+    from lib.tpdrseg.model.baselines import AdapterSAM
+    from lib.tpdrseg.training import load_trained
 
     with open(run_dir / "tpdrseg.json") as f:
         run = json.load(f)
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from lib.data.fundus_lesions import ensure_dataset, load_dataset
+    from lib.tpdrseg.dataset import ensure_dataset, load_dataset
     from lib.models.sam import build_litemedsam
 
     images, masks, manifest = load_dataset(ensure_dataset(DEFAULT_DATA), "test")
@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
               "machine": platform.processor() or platform.machine(),
               "models": rows, "skipped": skipped}
     if args.json:
-        from lib.infers.tpdrseg import finite
+        from lib.tpdrseg.infer import finite
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(finite(result), indent=1))

@@ -21,9 +21,10 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lib.evaluation import evaluate_prompts, load_slice_targets  # noqa: E402
-from lib.infers.cache import LRUCache  # noqa: E402
-from lib.infers.predictor import ObjectMemory, PredictorSettings, PromptPredictor  # noqa: E402
+from lib.core.cache import EmbeddingKey  # noqa: E402
+from lib.core.evaluation import evaluate_prompts, load_slice_targets  # noqa: E402
+from lib.core.cache import LRUCache  # noqa: E402
+from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor  # noqa: E402
 from lib.models.sam import build_litemedsam  # noqa: E402
 
 DATA = os.path.join(REPO, "sample-data")
@@ -50,7 +51,8 @@ def run(model, max_nuclei: int = 12) -> list[dict]:
     rows = []
     for image, label, modality, axis, index, kwargs in cases(max_nuclei):
         slice_image, targets = load_slice_targets(image, label, modality, axis, index, **kwargs)
-        rows += evaluate_prompts(predictor_for, slice_image, targets, axis, index, (image, axis, index))
+        rows += evaluate_prompts(predictor_for, slice_image, targets, axis, index,
+                                 EmbeddingKey(image, axis=axis, index=index))
     return rows
 
 

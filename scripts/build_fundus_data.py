@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the SYNTHETIC diabetic-retinopathy lesion data on REAL fundus backgrounds (lib/data/fundus_lesions.py).
+"""Build the SYNTHETIC diabetic-retinopathy lesion data on REAL fundus backgrounds (lib/tpdrseg/dataset.py).
 
     python scripts/build_fundus_data.py                  # 60 train + 20 held-out, 512 px, into data/fundus_lesions/
     python scripts/build_fundus_data.py --train 8 --test 4 --out /tmp/fl --seed 1
@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 
-from lib.data import fundus_lesions as fl  # noqa: E402
+from lib.tpdrseg import dataset as fl  # noqa: E402
 
 OUTLINE = {0: (0, 255, 255), 1: (0, 0, 255), 2: (255, 255, 0), 3: (255, 0, 255)}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the multi-task 2D training data for a One-Prompt model (lib/data/oneprompt_tasks.py) into .npz shards.
+"""Build the multi-task 2D training data for a One-Prompt model (lib/oneprompt/dataset.py) into .npz shards.
 
     python scripts/build_oneprompt_data.py                      # fetch what is missing, build data/oneprompt/
     python scripts/build_oneprompt_data.py --no-fetch            # sample data + whatever the cache already holds
@@ -31,7 +31,7 @@ import zipfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lib.data import oneprompt_tasks as op  # noqa: E402
+from lib.oneprompt import dataset as op  # noqa: E402
 
 FORMAT = "oneprompt-2d/1"
 SHARD_FORMAT = {
@@ -48,7 +48,7 @@ SHARD_FORMAT = {
     "sample_n_components": "(n_samples,) int16, components (instances) of the class on that slice",
     "sample_area": "(n_samples,) int32, mask pixels",
     "source": "() str, the image file",
-    "reader": "lib.data.oneprompt_tasks.iter_shard_samples(path, split=..., tasks=...)",
+    "reader": "lib.oneprompt.dataset.iter_shard_samples(path, split=..., tasks=...)",
 }
 # Where the committed sample data came from (sample-data/README.md; scripts/prepare_sample_data.py rebuilds it).
 SAMPLE_DATA_PACKAGES = {
@@ -207,7 +207,7 @@ def main() -> int:
         roles.setdefault(task["role"], []).append(task["id"])
     manifest = {
         "format": FORMAT,
-        "description": "One-Prompt multi-task 2D data (supplement 1.2 preprocessing); see lib/data/oneprompt_tasks.py",
+        "description": "One-Prompt multi-task 2D data (supplement 1.2 preprocessing); see lib/oneprompt/dataset.py",
         "parameters": params,
         "split": {
             "heldout_aal_structures": list(op.HELDOUT_AAL), "heldout_datasets": list(op.HELDOUT_DATASETS),

@@ -3,11 +3,11 @@
   python scripts/export_tpdrseg_weights.py RUN_DIR OUT.pt [--fp16]
 
   # the shipped weights: descriptions (the served default) and bare class names (the ablation)
-  python scripts/export_tpdrseg_weights.py data/tpdrseg/run_desc lib/models/tpdrseg/weights/tpdrseg_litemedsam.pt
-  python scripts/export_tpdrseg_weights.py data/tpdrseg/run_name lib/models/tpdrseg/weights/tpdrseg_litemedsam_names.pt
+  python scripts/export_tpdrseg_weights.py data/tpdrseg/run_desc lib/tpdrseg/weights/tpdrseg_litemedsam.pt
+  python scripts/export_tpdrseg_weights.py data/tpdrseg/run_name lib/tpdrseg/weights/tpdrseg_litemedsam_names.pt
 
-RUN_DIR is the folder `python -m lib.trainers.tpdrseg --output RUN_DIR` writes (tpdrseg.safetensors + tpdrseg.json).
-OUT.pt (+ OUT.json beside it) is written by `lib.infers.tpdrseg.write_weights`, as the train task's weights are, with
+RUN_DIR is the folder `python -m lib.tpdrseg.training --output RUN_DIR` writes (tpdrseg.safetensors + tpdrseg.json).
+OUT.pt (+ OUT.json beside it) is written by `lib.tpdrseg.infer.write_weights`, as the train task's weights are, with
 the run's model config and, as metadata: the training config, the training command (as recorded, else rebuilt from
 the config and marked so), the steps, the final metrics on the held-out test split, and the SYNTHETIC-data notice.
 `--fp16` stores the tensors in half precision (half the file size); the server reads them back as float32.
@@ -34,8 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lib.infers.tpdrseg import TPDRSegModels, read_weights, write_weights  # noqa: E402
-from lib.trainers.tpdrseg import DEFAULT_DATA, TrainConfig, predict, prepare_arrays  # noqa: E402
+from lib.tpdrseg.infer import TPDRSegModels, read_weights, write_weights  # noqa: E402
+from lib.tpdrseg.training import DEFAULT_DATA, TrainConfig, predict, prepare_arrays  # noqa: E402
 
 # float16 keeps 11 significant bits: a round trip changes a value by at most half a unit in the last place.
 FP16_RELATIVE_ERROR = 2.0 ** -11
@@ -53,7 +53,7 @@ def read_run(run_dir: Path) -> dict:
     for f in (config_file, tensors_file):
         if not f.is_file():
             raise SystemExit(f"{run_dir} is not a finished trainer run: {f.name} is missing "
-                             f"(`python -m lib.trainers.tpdrseg --output {run_dir}` writes both files at the end)")
+                             f"(`python -m lib.tpdrseg.training --output {run_dir}` writes both files at the end)")
     with open(config_file) as f:
         run = json.load(f)
     model_config = run.get("model") or {}
@@ -74,7 +74,7 @@ def training_command(run_dir: Path, run: dict) -> tuple[str, bool]:
             return (recorded if isinstance(recorded, str) else shlex.join(recorded)), True
     if (run_dir / "command.txt").is_file():
         return (run_dir / "command.txt").read_text().strip(), True
-    args = ["python", "-m", "lib.trainers.tpdrseg"]
+    args = ["python", "-m", "lib.tpdrseg.training"]
     if model_config.get("class_text", "description") != "description":
         args += ["--class-text", model_config["class_text"]]
     if model_config.get("prior") == "clip":
@@ -121,11 +121,11 @@ def export(run_dir: str, out: str, fp16: bool = False) -> dict:
         "steps": config.get("steps", len(history.get("steps", []))),
         "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None,
         "final": final,
-        "final_on": "the held-out test split of the SYNTHETIC fundus-lesion data (lib/data/fundus_lesions.py), "
+        "final_on": "the held-out test split of the SYNTHETIC fundus-lesion data (lib/tpdrseg/dataset.py), "
                     f"{model.image_size} px, threshold 0.5, all pixels pooled per class",
         "evaluations": history.get("evaluations", []),
         "synthetic_data": True,
-        "notice": history.get("notice") or "trained on SYNTHETIC lesions (lib/data/fundus_lesions.py)",
+        "notice": history.get("notice") or "trained on SYNTHETIC lesions (lib/tpdrseg/dataset.py)",
     }
     write_weights(out, model, meta["text_encoder"], info, dtype=torch.float16 if fp16 else None)
     return check_served(out, model, sam, fp16)
@@ -134,7 +134,7 @@ def export(run_dir: str, out: str, fp16: bool = False) -> dict:
 def check_served(out: str, exported_model, sam, fp16: bool) -> dict:
     """Load OUT.pt as the infer task does (configured weights) and compare it with the run's model: tensors (equal,
     or within float16 rounding with --fp16) and probabilities on the first synthetic test image."""
-    from lib.data.fundus_lesions import ensure_dataset, load_dataset
+    from lib.tpdrseg.dataset import ensure_dataset, load_dataset
 
     raw = torch.load(out, map_location="cpu", weights_only=True)["trainable_state"]
     stored = {v.dtype for v in raw.values() if v.is_floating_point()}
@@ -174,7 +174,7 @@ def check_served(out: str, exported_model, sam, fp16: bool) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", help="folder written by `python -m lib.trainers.tpdrseg --output RUN_DIR`")
+    parser.add_argument("run_dir", help="folder written by `python -m lib.tpdrseg.training --output RUN_DIR`")
     parser.add_argument("out", help="the .pt to write (its .json is written beside it)")
     parser.add_argument("--fp16", action="store_true", help="store the tensors in float16 (half the size)")
     parser.add_argument("--threads", type=int, default=1)

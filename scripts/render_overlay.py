@@ -19,10 +19,10 @@ from scipy import ndimage
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lib.configs.litemedsam import LiteMedSAMConfig  # noqa: E402
-from lib.evaluation import component_targets, dice  # noqa: E402
-from lib.transforms import apply_intensity_range, compute_intensity_range, extract_slice  # noqa: E402
-from lib.volumes import load_image  # noqa: E402
+from lib.configs.sam import SAMConfig  # noqa: E402
+from lib.core.evaluation import component_targets, dice  # noqa: E402
+from lib.core.transforms import apply_intensity_range, compute_intensity_range, extract_slice  # noqa: E402
+from lib.core.images import load_image  # noqa: E402
 
 DATA = os.path.join(REPO, "sample-data")
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "overlay.png"))
     args = parser.parse_args()
-    config = LiteMedSAMConfig()
+    config = SAMConfig()
     config.init("litemedsam", os.path.join(REPO, "apps", "model"), {})
     task = config.infer()["litemedsam"]
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite.
+# Set up (if needed), check the architecture rules and lint, then run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/lint-imports --no-cache  # the dependency rule: .importlinter (README, Architecture)
+.venv/bin/ruff check .              # ruff.toml
 exec .venv/bin/python -m pytest "$@"

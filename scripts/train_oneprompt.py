@@ -3,7 +3,7 @@
 
 Stages (each resumable): feature cache (frozen LiteMedSAM encoder, clean + augmented views) -> SegLab
 autoencoder -> decoder + prompt encoder -> evaluation on held-out tasks (with the frozen LiteMedSAM and prototype
-baselines) -> weights file lib/models/oneprompt/weights/oneprompt_litemedsam.pt + a JSON beside it.
+baselines) -> weights file lib/oneprompt/weights/oneprompt_litemedsam.pt + a JSON beside it.
 
     nice -n 19 .venv/bin/python scripts/train_oneprompt.py --steps 1000 --batch-size 8 --warmup 50   # the shipped weights
     nice -n 19 .venv/bin/python scripts/train_oneprompt.py --only cache       # just build the feature cache
@@ -23,9 +23,9 @@ sys.path.insert(0, REPO)
 
 
 def slice_values(data_dir: str, store, cache_dir=None) -> dict:
-    """{image key: label values on that slice} for every data set of the build (lib.data.oneprompt_tasks.
+    """{image key: label values on that slice} for every data set of the build (lib.oneprompt.dataset.
     slice_label_values), cached in <data>/slice_values.json for this manifest (a few seconds to recompute)."""
-    from lib.data import oneprompt_tasks as tasks
+    from lib.oneprompt import dataset as tasks
 
     path = os.path.join(data_dir, "slice_values.json")
     manifest = store.manifest_hash()
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                    help="stop at this step, keeping the schedule of --steps (replays a time-budgeted run exactly)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="checkpoints folder (default <data>/train)")
-    p.add_argument("--out", default=os.path.join(REPO, "lib", "models", "oneprompt", "weights",
+    p.add_argument("--out", default=os.path.join(REPO, "lib", "oneprompt", "weights",
                                                  "oneprompt_litemedsam.pt"))
     p.add_argument("--only", choices=("cache", "seglab", "train", "eval"), default=None,
                    help="run the stages up to and including this one")
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                         "0, the default and the shipped weights: the paper's sampling, every query holds its "
                         "structure). Experimental: 0.3 did not stop whole-volume over-segmentation (README)")
     p.add_argument("--presence-weight", type=float, default=0.0,
-                   help="weight of the image-level presence loss (lib.trainers.oneprompt.presence_loss; 0, the "
+                   help="weight of the image-level presence loss (lib.oneprompt.training.presence_loss; 0, the "
                         "default and the shipped weights: off). Experimental, with --absent-fraction")
     p.add_argument("--init", default=None,
                    help="start from this weights file's decoder + prompt encoder (fine-tuning; the SegLab autoencoder "
@@ -87,9 +87,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    from lib.models.oneprompt import build_oneprompt
+    from lib.oneprompt.model import build_oneprompt
     from lib.models.sam.build import build_litemedsam
-    from lib.trainers import oneprompt as op
+    from lib.oneprompt import training as op
 
     if not os.path.exists(os.path.join(args.data, "manifest.json")):
         print(f"{args.data}/manifest.json missing: run scripts/build_oneprompt_data.py first", file=sys.stderr)

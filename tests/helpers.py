@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import requests
 
-from lib.evaluation import dice  # noqa: F401  (re-exported for the tests)
+from lib.core.evaluation import dice  # noqa: F401  (re-exported for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_DATA = os.path.join(REPO, "sample-data")
@@ -93,10 +93,10 @@ class Server:
 
 def aal_on_grid(shape, affine) -> np.ndarray:
     """Colin27's AAL (sample-data/labels/final/colin27_t1.nii.gz, int32 region values) carried onto another image's
-    grid through both affines, nearest voxel (lib.transforms.geometry.labels_on_grid). For another brain in MNI space
+    grid through both affines, nearest voxel (lib.core.transforms.geometry.labels_on_grid). For another brain in MNI space
     (sample-data/mni152_t1.nii.gz) this is an APPROXIMATE truth: AAL was drawn on Colin27. Used to score, never
     stored."""
-    from lib.transforms.geometry import labels_on_grid
+    from lib.core.transforms.geometry import labels_on_grid
 
     img = nib.load(os.path.join(SAMPLE_DATA, "labels", "final", "colin27_t1.nii.gz"))
     return labels_on_grid(np.asarray(img.dataobj).round().astype(np.int32), img.affine, shape, affine)

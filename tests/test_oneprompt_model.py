@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lib.models.oneprompt import (OnePromptModel, Prompt, PromptParser, SegLabAutoencoder, build_oneprompt,
+from lib.oneprompt.model import (OnePromptModel, Prompt, PromptParser, SegLabAutoencoder, build_oneprompt,
                                   train_seglab)
-from lib.models.oneprompt.prompt_encoder import NEG_CLICK, NEG_DOODLE
+from lib.oneprompt.model.prompt_encoder import NEG_CLICK, NEG_DOODLE
 from lib.models.sam import TinyViTImageEncoder
 
 from oneprompt_helpers import SMALL_LEVELS, one_thread  # noqa: E402,F401  (one_thread: autouse fixture)

@@ -1,4 +1,4 @@
-"""One-Prompt served as model `oneprompt` (paper 003; lib/infers/oneprompt.py): templates registered with each
+"""One-Prompt served as model `oneprompt` (paper 003; lib/oneprompt/infer.py): templates registered with each
 prompt kind, segmentation of another slice, of the unlabelled images by batch inference (a 13-slice slab of Colin27
 and a second brain, the sample data's MNI152 template), template ensembling, segment-everything, a 2D image, and clear
 answers to bad requests. One server for the module; the template slice is encoded once and cached. The module costs
@@ -38,7 +38,7 @@ PUTAMEN_L = AAL["Putamen_L"]
 # - segment everything on the template slice: 40 masks from 49 clicks (the paper: about 50) -> at least 20.
 MIN_DICE_SLICE = 0.45
 MIN_DICE_VOLUME = 0.40
-# - whole volumes, with the volume gate (lib.infers.oneprompt.consistent_run; margin 0.1, chosen on 12 TRAINING AAL
+# - whole volumes, with the volume gate (lib.oneprompt.infer.consistent_run; margin 0.1, chosen on 12 TRAINING AAL
 #   structures): Colin27 itself, all 181 axial slices: 0.325, 14 slices labelled where 27 hold the putamen (3 of
 #   them without it) -> 0.27; the second study (MNI152, 189 slices, batch inference; truth AAL carried through the
 #   affines, approximate): 0.309, 33 slices labelled -> 0.25. Without the gate: 173 and 142 slices labelled, Dice
@@ -243,16 +243,16 @@ def test_bad_requests_are_answered_clearly(server, params, status, message):
 
 # -- the serving preprocessing and geometry, without the server ----------------------------------------------------
 def test_slices_are_preprocessed_as_the_training_data_and_masks_map_back():
-    """The encoder input equals the training pipeline's (lib.data.oneprompt_tasks: crop to non-zero, z-score,
+    """The encoder input equals the training pipeline's (lib.oneprompt.dataset: crop to non-zero, z-score,
     bicubic resize to 256, to_unit), and a mask survives the trip to model pixels and back."""
     from monai.transforms import CropForeground, Resize
 
-    from lib.data.oneprompt_tasks import nonzero
-    from lib.infers.oneprompt_frame import SliceFrame, model_input, nonzero_box, slice_shape, slice_window
-    from lib.trainers.oneprompt import to_unit
-    from lib.transforms.geometry import extract_slice
-    from lib.transforms.intensity import apply_intensity_range
-    from lib.volumes import load_image
+    from lib.oneprompt.dataset import nonzero
+    from lib.oneprompt.frame import SliceFrame, model_input, nonzero_box, slice_shape, slice_window
+    from lib.oneprompt.training import to_unit
+    from lib.core.transforms.geometry import extract_slice
+    from lib.core.transforms.intensity import apply_intensity_range
+    from lib.core.images import load_image
 
     image = load_image(os.path.join(SAMPLE_DATA, f"{IMAGE}.nii.gz"))
     _, intensity = image.intensity()
@@ -284,7 +284,7 @@ def torch_tensor(array):
 
 
 def test_the_volume_gate_keeps_the_unbroken_template_like_run_of_slices():
-    from lib.infers.oneprompt import consistent_run
+    from lib.oneprompt.infer import consistent_run
 
     indices = list(range(10))
     # slices 3-6 hold the structure (similar to the template), 8 looks similar again but is cut off by 7;
@@ -299,8 +299,8 @@ def test_the_volume_gate_keeps_the_unbroken_template_like_run_of_slices():
 def test_prototype_consistency_tells_the_template_structure_from_other_tissue():
     import torch
 
-    from lib.infers.oneprompt import prototype_consistency
-    from lib.models.oneprompt import masked_prototype
+    from lib.oneprompt.infer import prototype_consistency
+    from lib.oneprompt.model import masked_prototype
 
     g = torch.Generator().manual_seed(0)
     structure, tissue = torch.randn(16, generator=g), torch.randn(16, generator=g)

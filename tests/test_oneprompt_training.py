@@ -1,4 +1,4 @@
-"""One-Prompt training (lib/trainers/oneprompt.py): prompt simulation, the task sampler, augmentation alignment,
+"""One-Prompt training (lib/oneprompt/training.py): prompt simulation, the task sampler, augmentation alignment,
 the learning-rate schedule, and a 20-step run on tiny synthetic tasks. CPU, one thread, < 60 s."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib.models.oneprompt import OnePromptModel
+from lib.oneprompt.model import OnePromptModel
 from lib.models.sam import TinyViTImageEncoder
-from lib.trainers import oneprompt as op
+from lib.oneprompt import training as op
 
 from oneprompt_helpers import SMALL_LEVELS, one_thread  # noqa: E402,F401  (one_thread: autouse fixture)
 
@@ -218,7 +218,7 @@ def test_absent_queries_are_slices_without_the_structure_and_have_empty_targets(
 
 def test_presence_loss_punishes_a_blob_on_an_empty_query_where_dice_cannot():
     """On an empty target the Dice term is saturated; the presence term is not, and it is small when right."""
-    from lib.models.oneprompt.seglab import dice_loss
+    from lib.oneprompt.model.seglab import dice_loss
 
     empty = torch.zeros(1, 1, 64, 64)
     blob = torch.full((1, 1, 64, 64), -8.0)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lib.errors import RequestError
-from lib.infers.prompts import parse_prompt
+from lib.core.errors import RequestError
+from lib.core.prompts import parse_prompt
 
 SHAPE = (181, 217, 181)
 

@@ -4,7 +4,7 @@ answer is known. The segmenter here is a plain intensity threshold, so the test 
 
 import numpy as np
 
-from lib.trainers.propagation import propagate
+from lib.sammed.propagation import propagate
 
 
 def test_propagation_follows_the_structure_both_ways_and_stops_where_intensity_changes():

@@ -9,14 +9,17 @@ import pytest
 import torch
 
 from helpers import REPO, read_label
-from lib.infers.sam_interactive import SamInteractiveInfer
-from lib.trainers.label_store import LabelStore
-from lib.evaluation import Target, dice
+from lib.core.backbone import Backbone
+from lib.core.cache import EmbeddingKey
+from lib.sammed.learned_prompts import LearnedPromptEncoders
+from lib.sam.interactive import SamInteractiveInfer
+from lib.core.stores import LabelStore
+from lib.core.evaluation import Target, dice, jitter_box
 from lib.models.sam import build_litemedsam
-from lib.trainers.samassist import (PromptEncoderLearner, PromptLearningSettings, jitter_box, sample_points,
+from lib.sammed.samassist import (PromptEncoderLearner, PromptLearningSettings, sample_points,
                                     select_training_slices)
-from lib.transforms import ModelFrame, Window, apply_intensity_range, compute_intensity_range, extract_slice, resize_to_model
-from lib.volumes import load_image
+from lib.core.transforms import ModelFrame, Window, apply_intensity_range, compute_intensity_range, extract_slice, resize_to_model
+from lib.core.images import load_image
 
 DATA = os.path.join(REPO, "sample-data")
 
@@ -101,7 +104,8 @@ def test_learning_from_two_slices_makes_a_single_click_work_on_other_slices(thal
 def test_the_infer_task_serves_a_stored_prompt_encoder_for_its_label(thalamus_case, tmp_path):
     c = thalamus_case
     store = LabelStore(str(tmp_path / "prompts"))
-    task = SamInteractiveInfer(lambda device: c["model"], device="cpu", prompt_store=store)
+    task = SamInteractiveInfer(Backbone(lambda device: c["model"], device="cpu"),
+                               prompt_encoders=LearnedPromptEncoders(store))
     k = c["held_out"][len(c["held_out"]) // 2]
     mask = c["mask_of"](k)
     row, col = Target("t", mask).interior_point
@@ -123,7 +127,7 @@ def test_the_infer_task_serves_a_stored_prompt_encoder_for_its_label(thalamus_ca
 
 
 def test_corrective_clicks_go_to_the_largest_error():
-    from lib.evaluation import corrective_click
+    from lib.core.evaluation import corrective_click
 
     mask = disc(radius=15)
     predicted = disc(radius=15)
@@ -135,16 +139,16 @@ def test_corrective_clicks_go_to_the_largest_error():
 
 
 def test_active_validation_reports_box_then_clicks(thalamus_case):
-    from lib.evaluation import active_validation
-    from lib.infers.cache import LRUCache
-    from lib.infers.predictor import ObjectMemory, PromptPredictor
+    from lib.core.evaluation import active_validation
+    from lib.core.cache import LRUCache
+    from lib.core.predictor import ObjectMemory, PromptPredictor
 
     c = thalamus_case
     predictor = PromptPredictor(c["model"], torch.device("cpu"), LRUCache(8), ObjectMemory())
     k = c["held_out"][0]
     target = Target("thalamus", c["mask_of"](k))
     image = c["slice_of"](k)
-    scores = active_validation(lambda prompt: predictor.predict(image, prompt, ("v", k))[0], target, 2, k,
+    scores = active_validation(lambda prompt: predictor.predict(image, prompt, EmbeddingKey("v", axis=2, index=k))[0], target, 2, k,
                                np.random.default_rng(0), max_clicks=3)
     assert len(scores) == 4 and all(0 <= s <= 1 for s in scores) and scores[0] > 0.5
 
@@ -155,7 +159,7 @@ def test_training_plan_keeps_to_the_kind_of_image_that_holds_the_label_first(tmp
     import nibabel as nib
     from PIL import Image
 
-    from lib.trainers.samassist_task import plan_slices
+    from lib.sammed.train_task import plan_slices
 
     volume = np.zeros((40, 40, 30), np.uint8)
     volume[10:30, 10:30, 8:22] = 5

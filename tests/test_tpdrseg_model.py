@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from lib.models.sam import MaskDecoder, PromptEncoder, Sam, TinyViTImageEncoder, TwoWayTransformer
-from lib.models.sam.adapters import AdapterSettings
-from lib.models.tpdrseg.baselines import AdapterSAM
-from lib.models.tpdrseg.clip import CLIP, CLIPConfig
-from lib.models.tpdrseg.prior_encoder import minmax_maps, similarity_maps
-from lib.models.tpdrseg.injector import PriorAlignedInjector
-from lib.models.tpdrseg.model import TPDRSeg, soft_iou_loss
-from lib.models.tpdrseg.prior import explicit_prior
-from lib.trainers import tpdrseg as trainer
+from lib.msa.adapters import AdapterSettings
+from lib.tpdrseg.model.baselines import AdapterSAM
+from lib.tpdrseg.model.clip import CLIP, CLIPConfig
+from lib.tpdrseg.model.prior_encoder import minmax_maps, similarity_maps
+from lib.tpdrseg.model.injector import PriorAlignedInjector
+from lib.tpdrseg.model.model import TPDRSeg, soft_iou_loss
+from lib.tpdrseg.model.prior import explicit_prior
+from lib.tpdrseg import training as trainer
 
 TEXT_DIM = 24
 
@@ -244,7 +244,7 @@ def test_trainable_state_round_trip(tmp_path):
 def hard_exudate_crop():
     """(x, y) of the 64 px full-resolution window (on a 32 px grid) of the synthetic training data with the most
     hard-exudate pixels, prepared at 64 px."""
-    from lib.data.fundus_lesions import ensure_dataset, load_dataset
+    from lib.tpdrseg.dataset import ensure_dataset, load_dataset
 
     images, masks, _ = load_dataset(ensure_dataset(trainer.DEFAULT_DATA), "train")
     ex = masks[:, 2].astype(np.float32)
@@ -451,7 +451,7 @@ def test_adapter_baseline_gradient_checkpointing_gives_the_same_gradients():
 def test_tiny_adapter_baseline_overfits_one_hard_exudate_mask():
     """As test_tiny_model_overfits_one_hard_exudate_mask, for the adapter baseline (same crop, steps and lr):
     Dice 0.93 at 100 steps when measured (0.84 at 60). With the decoder frozen (adapters only) the tiny random SAM
-    gets 0.0 here (0.09 at lr 1e-2): see lib/models/tpdrseg/baselines.py."""
+    gets 0.0 here (0.09 at lr 1e-2): see lib/tpdrseg/model/baselines.py."""
     x, y = hard_exudate_crop()
     torch.manual_seed(0)
     score, parts = overfit_hard_exudates(tiny_adapter_model(), x, y)

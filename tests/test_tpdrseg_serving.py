@@ -1,4 +1,4 @@
-"""TP-DRSeg served as model `tpdrseg` (issue 6; lib/infers/tpdrseg.py, lib/trainers/tpdrseg_task.py).
+"""TP-DRSeg served as model `tpdrseg` (issue 6; lib/tpdrseg/infer.py, lib/tpdrseg/train_task.py).
 
 Through one server on a copy of the sample data, whose `fundus_synthetic_lesions.png` carries SYNTHETIC lesions with
 a 4-class label: /info lists the classes; without weights /infer is a 503 that says how to train; POST /train/tpdrseg
@@ -28,10 +28,10 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from helpers import REPO, Server, copy_sample_data, dice, read_label, server_info, start_training, wait_for_training
 from lib.configs.tpdrseg import DEFAULT_WEIGHTS
-from lib.errors import RequestError
-from lib.infers.tpdrseg import (finite, model_input, model_target, parse_text, probabilities_back, read_weights,
+from lib.core.errors import RequestError
+from lib.tpdrseg.infer import (finite, model_input, model_target, parse_text, probabilities_back, read_weights,
                                 write_weights)
-from lib.models.tpdrseg.descriptions import LesionCatalogue
+from lib.tpdrseg.model.descriptions import LesionCatalogue
 
 MODEL = "tpdrseg"
 IMAGE = "fundus_synthetic_lesions"
@@ -80,7 +80,7 @@ def test_image_geometry_round_trip():
 
 def test_weights_files_round_trip(tmp_path):
     from test_tpdrseg_model import tiny_model
-    from lib.trainers import tpdrseg as core
+    from lib.tpdrseg import training as core
 
     model = tiny_model()
     path = str(tmp_path / "w" / "tpdrseg.pt")
@@ -158,7 +158,7 @@ def test_info_lists_the_classes_and_the_text_encoder(server):
 def test_missing_weights_are_a_503_that_says_how_to_train(server):
     response = post(server, {"text": "hard exudates"})
     assert response.status_code == 503, response.text
-    assert "python -m lib.trainers.tpdrseg" in response.text and "/train/tpdrseg" in response.text
+    assert "python -m lib.tpdrseg.training" in response.text and "/train/tpdrseg" in response.text
 
 
 def test_a_training_request_without_lesion_labels_is_answered_clearly(server):
@@ -250,11 +250,11 @@ def test_the_configured_weights_are_still_missing(server):
 # The weights the app ships (exported by scripts/export_tpdrseg_weights.py from the trainer runs): descriptions at the
 # configured default path, bare class names (the paper's ablation) beside it. These tests skip while a file is absent.
 SHIPPED_DESCRIPTION_WEIGHTS = DEFAULT_WEIGHTS
-SHIPPED_NAME_WEIGHTS = os.path.join(REPO, "lib", "models", "tpdrseg", "weights", "tpdrseg_litemedsam_names.pt")
+SHIPPED_NAME_WEIGHTS = os.path.join(REPO, "lib", "tpdrseg", "weights", "tpdrseg_litemedsam_names.pt")
 HELD_OUT_IMAGES = 4  # test-split images uploaded to the datastore: 4 x 4 single-class requests per model, ~1 s each
 
 # What typing each text on the sample image must reach: Dice of the answer against that class of the sample's label.
-# The sample is held out (seed split 2 of lib/data/fundus_lesions.py; training uses splits 0 and 1).
+# The sample is held out (seed split 2 of lib/tpdrseg/dataset.py; training uses splits 0 and 1).
 SAMPLE_TEXTS = {"hard exudates": "hard_exudates", "EX": "hard_exudates", "haemorrhages": "haemorrhages",
                 "microaneurysms": "microaneurysms", "cotton wool spots": "soft_exudates"}
 # Measured 2026-11-26 with the shipped weights (one CPU thread): MA 0.354, HE 0.701, EX 0.533 (typed "hard exudates"
@@ -281,8 +281,8 @@ def skip_unless_shipped(path: str) -> None:
 def held_out_images() -> dict:
     """{datastore id: (image (H, W, 3) uint8, masks (K, H, W))}: the first HELD_OUT_IMAGES test-split images that
     hold all four classes (so that every class's Dice has positives)."""
-    from lib.data.fundus_lesions import ensure_dataset, load_dataset
-    from lib.trainers.tpdrseg import DEFAULT_DATA
+    from lib.tpdrseg.dataset import ensure_dataset, load_dataset
+    from lib.tpdrseg.training import DEFAULT_DATA
 
     images, masks, _ = load_dataset(ensure_dataset(DEFAULT_DATA), "test")
     chosen = [i for i in range(len(images)) if masks[i].reshape(len(CLASSES), -1).any(1).all()][:HELD_OUT_IMAGES]

@@ -18,8 +18,8 @@ import requests
 
 import helpers
 from helpers import dice, server_info, start_on_sample_data
-from lib.evaluation import Target
-from lib.trainers.samassist import select_training_slices
+from lib.core.evaluation import Target
+from lib.sammed.samassist import select_training_slices
 
 MODEL = "litemedsam"
 IMAGE = "colin27_t1"

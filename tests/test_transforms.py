@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose
 
-from lib.transforms import (CropToModelInputd, ExtractSliced, ModelFrame, RepeatChannelsd, ScaleIntensityByModalityd,
+from lib.core.transforms import (ModelFrame, ScaleIntensityByModalityd,
                             Window, compute_intensity_range, crop_window, extract_slice, labels_on_grid,
                             resize_to_model, resolve_modality, voxel_to_slice)
 
@@ -82,18 +81,6 @@ def test_points_and_boxes_map_into_the_model_frame():
     xy = frame.points_to_model(np.array([[10, 20], [110, 70]]))
     np.testing.assert_allclose(xy, [[0, 0], [128, 256]], atol=1e-4)
     np.testing.assert_allclose(frame.box_to_model((10, 20, 110, 70)), [0, 0, 128, 256], atol=1e-4)
-
-
-def test_composed_preprocessing_gives_three_channel_model_input():
-    volume = torch.linspace(-1000, 1000, 64 * 48 * 5).reshape(1, 64, 48, 5)
-    pipeline = Compose([
-        ScaleIntensityByModalityd("image"), ExtractSliced("image"), CropToModelInputd("image", size=256),
-        RepeatChannelsd("image"),
-    ])
-    out = pipeline({"image": volume, "modality": "CT", "ct_window": [0, 2000], "axis": 2, "slice": 3})
-    assert out["image"].shape == (3, 256, 256)
-    assert out["frame"].window == Window(0, 0, 48, 64)
-    assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
 
 
 def test_labels_on_grid_follows_both_affines_with_nearest_voxels():

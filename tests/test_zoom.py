@@ -32,5 +32,5 @@ def test_zoom_beats_the_whole_slice_on_small_targets(rows):
 
 
 def test_a_single_click_gives_a_usable_mask_on_most_targets(rows):
-    # LiteMedSAM was trained on boxes only; one click goes through a box search (see lib/infers/predictor.py).
+    # LiteMedSAM was trained on boxes only; one click goes through a box search (see lib/core/predictor.py).
     assert float(np.median([r["click"] for r in rows])) >= 0.6  # measured 0.72

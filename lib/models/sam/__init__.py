@@ -1,7 +1,7 @@
 """Segment Anything family models, our own implementation (keys compatible with Meta's and LiteMedSAM's
 checkpoints): image encoders (ViT, TinyViT), prompt encoder, two-way transformer, mask decoder, `Sam`."""
 
-from .build import (
+from lib.models.sam.build import (
     LITEMEDSAM_SHA256,
     CheckpointError,
     build_litemedsam,
@@ -14,12 +14,12 @@ from .build import (
     resolve_checkpoint,
     sha256_of,
 )
-from .image_encoder_tinyvit import TinyViTImageEncoder
-from .image_encoder_vit import VIT_CONFIGS, ImageEncoderViT
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PositionEmbeddingRandom, PromptEncoder
-from .sam import Sam
-from .transformer import TwoWayTransformer
+from lib.models.sam.image_encoder_tinyvit import TinyViTImageEncoder
+from lib.models.sam.image_encoder_vit import VIT_CONFIGS, ImageEncoderViT
+from lib.models.sam.mask_decoder import MaskDecoder
+from lib.models.sam.prompt_encoder import PositionEmbeddingRandom, PromptEncoder
+from lib.models.sam.sam import Sam
+from lib.models.sam.transformer import TwoWayTransformer
 
 __all__ = [
     "LITEMEDSAM_SHA256", "VIT_CONFIGS", "CheckpointError", "ImageEncoderViT", "MaskDecoder",

@@ -1,4 +1,4 @@
-"""Medical SAM Adapter (MSA, paper 002): bottleneck adapters in a frozen SAM, and a depth branch for volumes.
+"""Medical SAM Adapter (MSA; Wu et al., Medical Image Analysis 2025): bottleneck adapters in a frozen SAM, and a depth branch for volumes.
 
 - Encoder: two adapters per attention block (TinyViT or ViT). The first after the attention, before the residual
   add (with its own skip, so x + Adapter(attn)); the second beside the MLP in its residual path, scaled by s:
@@ -31,10 +31,10 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .image_encoder_tinyvit import TinyViTBlock, TinyViTImageEncoder, _as_nchw, _as_nhwc
-from .image_encoder_vit import ImageEncoderViT, ViTBlock
-from .sam import Sam
-from .transformer import TwoWayAttentionBlock
+from lib.models.sam.image_encoder_tinyvit import TinyViTBlock, TinyViTImageEncoder, _as_nchw, _as_nhwc
+from lib.models.sam.image_encoder_vit import ImageEncoderViT, ViTBlock
+from lib.models.sam.sam import Sam
+from lib.models.sam.transformer import TwoWayAttentionBlock
 
 # Slices per stack in the batch the encoder is running on (1: independent 2D slices). A context variable, not a
 # forward argument: the encoders keep the checkpoints' signatures and the stages need no plumbing. It is per

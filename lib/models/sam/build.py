@@ -21,12 +21,12 @@ from typing import Optional, Union
 
 import torch
 
-from .image_encoder_tinyvit import TinyViTImageEncoder
-from .image_encoder_vit import VIT_CONFIGS, ImageEncoderViT
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
-from .sam import Sam
-from .transformer import TwoWayTransformer
+from lib.models.sam.image_encoder_tinyvit import TinyViTImageEncoder
+from lib.models.sam.image_encoder_vit import VIT_CONFIGS, ImageEncoderViT
+from lib.models.sam.mask_decoder import MaskDecoder
+from lib.models.sam.prompt_encoder import PromptEncoder
+from lib.models.sam.sam import Sam
+from lib.models.sam.transformer import TwoWayTransformer
 
 logger = logging.getLogger(__name__)
 

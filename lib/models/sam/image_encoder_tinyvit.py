@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Linear, build_neck, gelu_, window_partition, window_unpartition
+from lib.models.sam.common import Linear, build_neck, gelu_, window_partition, window_unpartition
 
 
 class ConvBN(nn.Module):

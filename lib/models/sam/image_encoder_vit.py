@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Linear, MLPBlock, build_neck, window_partition, window_unpartition
+from lib.models.sam.common import Linear, MLPBlock, build_neck, window_partition, window_unpartition
 
 # Published configurations: width, depth, heads, indices of the global-attention blocks.
 VIT_CONFIGS = {

@@ -9,7 +9,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from .common import MLP, LayerNorm2d
+from lib.models.sam.common import MLP, LayerNorm2d
 
 
 class MaskDecoder(nn.Module):

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from lib.models.sam.common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
+from lib.models.sam.mask_decoder import MaskDecoder
+from lib.models.sam.prompt_encoder import PromptEncoder
 
 
 class Sam(nn.Module):

@@ -7,7 +7,7 @@ from typing import Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import Linear, MLPBlock
+from lib.models.sam.common import Linear, MLPBlock
 
 
 class Attention(nn.Module):

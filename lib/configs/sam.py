@@ -1,0 +1,38 @@
+"""SAM serving and SAM^Med on each served SAM-family model: the interactive task (`<model>`), SAMauto
+(`<model>_auto`) and the SAMassist train task (`POST /train/<model>`). LiteMedSAM is always served; Meta's SAM
+ViT-B/L/H when `sam_checkpoint` names a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.configs.backbones import ServedModels
+from lib.core.settings import load_settings
+from lib.sammed.auto_infer import SamAutoInfer
+from lib.sammed.train_task import SAMassistTrainTask
+
+
+class SAMConfig(TaskConfig):
+    def init(self, name: str, model_dir: str, conf: Dict[str, str], planner=None, served: ServedModels = None,
+             **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.settings = load_settings(conf)
+        self.served = served or ServedModels(self.model_dir, self.settings)
+
+    def infer(self) -> Dict[str, InferTask]:
+        tasks = {}
+        for name in self.served.names:
+            tasks[name] = self.served.interactive(name)
+            tasks[f"{name}_auto"] = SamAutoInfer(self.served.backbone(name), self.served.prompt_store(name))
+        return tasks
+
+    def trainer(self) -> Optional[Dict[str, TrainTask]]:
+        return {name: SAMassistTrainTask.from_settings(os.path.join(self.model_dir, "train", name),
+                                                       self.served.backbone(name).model_factory,
+                                                       self.served.prompt_store(name), self.settings)
+                for name in self.served.names}

@@ -1,0 +1,61 @@
+"""The one shared copy of a promptable model: what every task built on it uses, made once by the configs.
+
+The interactive task, SAMauto, the MSA adapters, One-Prompt and TP-DRSeg all run on the same frozen SAM-family
+model. The app builds one `Backbone` per served model and hands it to each task, so they share one model in
+memory (built on first use: app start stays cheap), one device, one cache of loaded images, one cache of slice
+embeddings and one memory of clicked objects, and no task reaches into another to find them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from lib.core.cache import LazyModel, LRUCache
+from lib.core.device import pick_device
+from lib.core.images import ImageCache, LoadedImage
+from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor
+
+
+class Backbone:
+    def __init__(self, model_factory: Callable[[torch.device], torch.nn.Module], name: str = "model",
+                 device: str | None = None, image_cache_size: int = 4, embedding_cache_size: int = 64):
+        self.name = name
+        self.model_factory = model_factory
+        self.device = pick_device(device)
+        self.lazy_model = LazyModel(model_factory, self.device, name)
+        self.images = ImageCache(image_cache_size)
+        self.embeddings = LRUCache(embedding_cache_size)
+        self.objects = ObjectMemory()
+        self.images.on_change.append(self.forget_old_versions)
+
+    @classmethod
+    def from_settings(cls, model_factory, name: str, settings: dict) -> "Backbone":
+        """A backbone configured by the app's settings (configs/app.yaml + --conf)."""
+        return cls(model_factory, name, device=settings["device"], image_cache_size=settings["image_cache_size"],
+                   embedding_cache_size=settings["embedding_cache_size"])
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.lazy_model.get()
+
+    def image(self, path: str) -> tuple[LoadedImage, bool]:
+        """(the loaded image, whether it was cached)."""
+        return self.images.get(path)
+
+    def predictor(self, settings: PredictorSettings, model: torch.nn.Module | None = None) -> PromptPredictor:
+        """A predictor on the shared caches: of the model itself, or of `model` (an adapted copy that shares its
+        tensors, keyed apart through EmbeddingKey.encoder)."""
+        return PromptPredictor(model if model is not None else self.model, self.device, self.embeddings,
+                               self.objects, settings)
+
+    def forget_old_versions(self, fingerprint: tuple) -> None:
+        """Drop what was computed from an image file's content before it changed."""
+        self.embeddings.discard_where(lambda k: k.of_other_version(fingerprint))
+        self.objects.discard_where(lambda k: k[0].of_other_version(fingerprint))
+
+    def clear(self) -> None:
+        self.images.clear()
+        self.embeddings.clear()
+        self.objects.discard_where(lambda k: True)

@@ -1,0 +1,206 @@
+"""What the per-label train tasks (SAMassist, MSA adapters) share: reading a training request (which label, its
+voxel value, from which images), the labelled slices, MONAI Label's BasicTrainTask hooks they both leave empty,
+and train_stats that say what a run is doing, that it failed and why, or that it was stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from lib.core import requests
+from lib.core.cache import LRUCache
+from lib.core.errors import RequestError
+from lib.core.predictor import PredictorSettings
+from lib.core.device import pick_device
+from lib.core.transforms.geometry import extract_slice
+from lib.core.images import load_image
+from lib.core.stores import LabelStore, atomic_write
+
+logger = logging.getLogger(__name__)
+
+MIN_VALIDATION_AREA = 30  # pixels: smaller cross-sections are slivers a person would not click on
+
+
+class TrainingRequestError(ValueError):
+    """A training request that cannot run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class AnnotatedSlice:
+    image: str
+    label: str
+    axis: int | None  # None: a 2D image
+    index: int | None
+    role: str  # "train" or "validation"
+
+
+def number_field(request: dict, key: str, low: float, high: float, cast=float):
+    """request[key] as `cast` (int or float), within [low, high]; else a TrainingRequestError that says why."""
+    try:
+        return requests.number(request, key, None, low, high, cast)
+    except RequestError as e:
+        raise TrainingRequestError(e.detail) from e
+
+
+def int_field(request: dict, key: str, low: int, high: int) -> int:
+    return number_field(request, key, low, high, int)
+
+
+def named_value(datastore, image_id: str, name: str) -> int | None:
+    """The value a client saved under `name` with an image's final label (Slicer's label_info), if any."""
+    for entry in datastore.get_label_info(image_id, "final").get("label_info", []) or []:
+        if isinstance(entry, dict) and str(entry.get("name", "")).lower() == name.lower() and "idx" in entry:
+            return int(entry["idx"])
+    return None
+
+
+def label_value_for(name: str, request: dict, datastore, image_ids: list[str]) -> tuple[int, list[str]]:
+    """The voxel value of a named label and the images to learn it from: the request's `label_value` (all
+    labelled images, or the request's `images`), else the value a client saved under that name (the images whose
+    labels name it: a value means one structure only where the labels say so)."""
+    if request.get("label_value") not in (None, ""):
+        return int_field(request, "label_value", *requests.LABEL_VALUE_RANGE), image_ids
+    named = {i: named_value(datastore, i, name) for i in image_ids}
+    named = {i: v for i, v in named.items() if v is not None}
+    if not named:
+        raise TrainingRequestError(f"no saved label names {name!r}: give its voxel value as 'label_value'")
+    value = next(iter(named.values()))
+    return value, [i for i, v in named.items() if v == value]
+
+
+def labelled_volumes(cases: list[tuple[str, str]], value: int):
+    """(image path, label path, boolean mask of `value`, is_2d) for each case holding the label, keeping to one
+    kind of image: the first that holds it decides 2D or 3D (the other kind holds other things under the same
+    value, e.g. an instance id in a 2D mask that is a brain region's value in a 3D atlas)."""
+    kind = None
+    for image_path, label_path in cases:
+        label = load_image(label_path)
+        mask = label.array[0].numpy().round() == value
+        if not mask.any() or kind not in (None, label.is_2d):
+            continue
+        kind = label.is_2d
+        yield image_path, label_path, mask, label.is_2d
+
+
+def foreground_slices(mask: np.ndarray, axis: int) -> list[int]:
+    """Slices along `axis` whose cross-section of the mask is large enough to prompt (MIN_VALIDATION_AREA)."""
+    areas = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).sum(1)
+    return np.nonzero(areas >= MIN_VALIDATION_AREA)[0].tolist()
+
+
+def evenly_spread(items: list, count: int) -> list:
+    """`count` of the items (all when fewer), evenly spread over the list, first and last included."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
+
+
+def labelled_cases(request: dict, datastore) -> tuple[str, int, list[tuple[str, str]]]:
+    """(label name, voxel value, [(image path, final label path)]) for a training request; clear errors otherwise."""
+    name = str(request.get("label") or "").strip()
+    if not name:
+        raise TrainingRequestError("say which label to learn: 'label' (e.g. the segment's name in Slicer)")
+    image_ids = datastore.get_labeled_images("final")
+    if request.get("images"):
+        wanted = request["images"] if isinstance(request["images"], list) else [request["images"]]
+        unknown = sorted(set(map(str, wanted)) - set(image_ids))
+        if unknown:
+            raise TrainingRequestError(f"'images' {unknown} are not in the datastore or have no final label")
+        image_ids = [i for i in image_ids if i in set(map(str, wanted))]
+    if not image_ids:
+        raise TrainingRequestError("no image in the datastore has a final label yet: save labels first")
+    value, image_ids = label_value_for(name, request, datastore, image_ids)
+    return name, value, [(datastore.get_image_uri(i), datastore.get_label_uri(i, "final")) for i in image_ids]
+
+
+class LabelTrainTask(BasicTrainTask):
+    """A BasicTrainTask that learns something small for one label of a frozen model and publishes it to a
+    LabelStore; subclasses plan the slices (pre_process) and build the ignite trainer."""
+
+    method = "training"  # the name logs and errors use
+    running_statuses = ("training", "validating")
+
+    def __init__(self, model_dir: str, description: str, config: dict, model_factory, store: LabelStore,
+                 device=None, modality: str | None = None, ct_window=None,
+                 predictor_settings: PredictorSettings | None = None):
+        super().__init__(model_dir, description, config=config, amp=False,
+                         stats_path=os.path.join(model_dir, "train_stats.json"))
+        for unused in ("max_epochs", "val_split", "early_stop_patience"):  # our own epochs and validation
+            self._config.pop(unused)
+        self._config["multi_gpu"] = False  # small, short runs: never worth spawning processes
+        self.model_factory = model_factory
+        self.store = store
+        self.requested_device = device
+        self.modality = modality or None
+        self.ct_window = ct_window
+        self.predictor_settings = predictor_settings or PredictorSettings()
+        self._volumes = LRUCache(3)  # the image and label of the current case
+
+    @classmethod
+    def from_settings(cls, model_dir: str, model_factory, store: LabelStore, settings: dict):
+        """A task configured by the app's settings: same device, modality and prompt handling as the infer task."""
+        return cls(model_dir, model_factory, store, device=settings["device"], modality=settings["modality"],
+                   ct_window=settings["ct_window"], predictor_settings=PredictorSettings(zoom=settings["zoom"]))
+
+    def __call__(self, request, datastore):
+        try:
+            return super().__call__(request, datastore)
+        except Exception as e:
+            self._write_stats({"status": "failed", "label": request.get("label"), "error": str(e)})
+            logger.error(f"{self.method} failed: {e}")
+            raise
+
+    # -- BasicTrainTask hooks both methods leave empty ---------------------------------------------------------
+    def partition_datalist(self, context: Context, shuffle=False):
+        # Validation is ours (prompt simulation after the last step), not an ignite evaluator per epoch.
+        return [p for p in context.datalist if p["role"] == "train"], []
+
+    def load_path(self, output_dir, pretrained=True):
+        return None  # every run starts from the pretrained model, never from another label's result
+
+    def _device(self, context: Context) -> torch.device:
+        return pick_device(self.requested_device)
+
+    # Slices are read, normalised and encoded once by network(); the loader yields indices into them.
+    def train_pre_transforms(self, context: Context):
+        return []
+
+    def train_post_transforms(self, context: Context):
+        return []
+
+    def val_inferer(self, context: Context):
+        return None
+
+    def finalize(self, context):
+        pass  # stats are written as the run goes (MONAI Label's publisher expects an evaluator's metrics)
+
+    # -- data, stats -------------------------------------------------------------------------------------------
+    def annotated_slice(self, plan: dict, value: int) -> tuple[torch.Tensor, np.ndarray]:
+        """(C, rows, cols) image slice in [0, 1] (normalised as the infer task does) and its (rows, cols) mask."""
+        return self.annotated_slice_at(plan["image"], plan["label"], plan["axis"], plan["index"], value)
+
+    def annotated_slice_at(self, image_path: str, label_path: str, axis, index, value: int):
+        image, _ = self._volumes.get_or_compute(image_path, lambda: load_image(image_path))
+        label, _ = self._volumes.get_or_compute(label_path, lambda: load_image(label_path))
+        _, intensity = image.intensity(self.modality, self.ct_window)
+        mask = extract_slice(label.array[:1], axis, index)[0].numpy().round() == value
+        return image.normalised_slice(axis, index, intensity), mask
+
+    def stats(self):
+        """train_stats for /info; a run that was stopped (or died) cannot say so itself: no process, no progress."""
+        from monailabel.utils.async_tasks.utils import processes
+
+        stats = super().stats()
+        if stats.get("status") in self.running_statuses and not processes("train"):
+            stats = {**stats, "status": "stopped"}
+        return stats
+
+    def _write_stats(self, stats: dict) -> None:
+        os.makedirs(os.path.dirname(self._stats_path), exist_ok=True)
+        atomic_write(self._stats_path, lambda f: f.write(json.dumps(stats, indent=2).encode()))

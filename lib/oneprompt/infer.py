@@ -1,0 +1,506 @@
+"""MONAI Label infer task for One-Prompt (paper 003): prompt one slice once, then segment other slices and images.
+
+Modes (request parameter `mode`):
+- `register`: template registration. The user prompts ONE slice of a volume (or a 2D image) with any prompt kind
+  (click, bbox, doodle, seglab: see oneprompt_prompts.py) and names the structure in `label` (`label_name` when
+  `label` carries an uploaded label file). The slice's 256 x 256 encoder input, its encoder features (fp16), the
+  prompt, the source image, axis, slice, prompt kind and modality are stored as a template of that label
+  (<models>/oneprompt/templates/<label>/<n>); a label may have several (ensembling). The answer is the template's
+  own prediction on its slice (template = query), a label volume with only that slice set: a preview.
+- `segment`: the image segmented with a label's templates (`template`: a label name or a template id
+  "<label>/<n>"; `templates`: a list of template ids or labels, to use just those). Volumes are segmented slice by
+  slice across `axis` (default: the template's axis; a 2D template on a volume: the supplement's axis, the
+  coarsest), over `slices` = [start, end) (default: all); 2D images in one go. Each template predicts every slice;
+  their probabilities are averaged (the paper's template ensembling) and thresholded at `threshold` (0.5); slices
+  that are uniform inside the image's non-zero box are skipped without running the encoder. On volumes the
+  `volume_gate` (default on; our addition, see `consistent_run`) then keeps only the unbroken run of slices around
+  the most template-like one whose predicted region still looks like the template's (prototype cosine within
+  `gate_margin`, 0.1, of the peak): without it the decoder labels nearly every slice.
+- `interactive`: One-Prompt's interactive mode, template = query: the prompt on the current slice, answered on that
+  slice, nothing stored.
+- `everything`: "segment everything": a `grid` x `grid` (default 8 x 8) lattice of positive clicks over the
+  template slice's non-background region (pixels brighter than 10% of its range, within their bounding box), each
+  click one template prompt predicted on the query slice (the current `slice`; the template is that same slice,
+  or a stored template's image when `template` is given). Masks under `min_pixels` (model pixels) are dropped, and
+  of two masks overlapping with IoU > `iou_threshold` (0.7) the one with the lower mean probability. The answer is
+  one multi-label slice (labels 1..K, best first) with the map in `label_names` and `objects`.
+The mode defaults to `segment` when `template`/`templates` is given, to `interactive` when the request holds a
+prompt, and to `segment` with the label's templates when only a `label` that has templates is given.
+
+Other parameters: `slice`, `axis` (0, 1 or 2; on volumes), `modality`, `ct_window` (as the other models), `label_value`
+(the output value, default 1), `threshold`, `volume_gate`, `gate_margin`, `result_extension`, `result_dtype`.
+
+Images are preprocessed as the decoder's training data were (oneprompt_frame.py). The encoder features of each
+(image, intensity, axis, slice) are cached in an LRU: the template's slice is encoded once for registration and
+previews, and a second segmentation of a volume costs only the decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Dict, Tuple, Union
+
+import numpy as np
+import torch
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from lib.core.errors import RequestError, bad_request, not_found
+from lib.oneprompt.model import masked_prototype
+from lib.core.images import LoadedImage, fingerprint, load_image, write_label
+from lib.core.cache import LazyModel, LRUCache
+from lib.oneprompt.frame import SliceFrame, model_input, nonzero_box, place_on_volume, slice_shape, slice_window
+from lib.oneprompt.prompts import parse_template_prompt, prompt_kind, uploaded_label
+from lib.oneprompt.templates import TemplateStore
+from lib.core.prompts import _as_list, _int_param, flag_value
+from lib.sam.interactive import pick_device
+
+logger = logging.getLogger(__name__)
+
+MODES = ("register", "segment", "interactive", "everything")
+DECODE_BATCH = 16  # "everything" prompts decoded at once (each ~2 MiB of head activations)
+
+
+class OnePromptInfer(InferTask):
+    def __init__(self, model_factory: Callable[[torch.device], torch.nn.Module], store: TemplateStore,
+                 description: str = "One-Prompt: prompt one slice once, segment other slices and images",
+                 device: str | None = None, image_loader: Callable[[str], tuple[LoadedImage, bool]] | None = None,
+                 feature_cache_size: int = 32, default_modality: str | None = None, default_ct_window=None,
+                 progress_every: int = 10):
+        super().__init__(
+            type=InferType.DEEPGROW,  # Slicer and OHIF show click and box tools for deepgrow-type models
+            labels=[],
+            dimension=3,  # `segment` answers a whole volume; the slice modes answer a volume with one slice set
+            description=description,
+            config={"mode": "", "modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
+                    "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7, "volume_gate": True,
+                    "gate_margin": 0.1},
+        )
+        self.model_factory = model_factory
+        self.store = store
+        self.device = pick_device(device)
+        self.features = LRUCache(feature_cache_size)  # ~7.3 MiB per slice in fp16
+        self.boxes = LRUCache(8)
+        self._images = LRUCache(4)
+        self.image_loader = image_loader or self._load_image
+        self.progress_every = progress_every
+        self.lazy_model = LazyModel(model_factory, self.device, "One-Prompt model")
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def is_valid(self) -> bool:
+        return True
+
+    def info(self) -> Dict[str, Any]:
+        info = super().info()
+        info["modes"] = list(MODES)
+        info["templates"] = self.store.info()
+        return info
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.lazy_model.get()
+
+    def _load_image(self, path: str) -> tuple[LoadedImage, bool]:
+        key = fingerprint(path)
+        self._images.discard_where(lambda k: k[0] == key[0] and k != key)
+        return self._images.get_or_compute(key, lambda: load_image(key[0]))
+
+    # -- request ---------------------------------------------------------------------------------------------
+    def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
+        begin = time.perf_counter()
+        req = {**self.config(), **request}
+        mode = self.mode(req)
+        path = req.get("image")
+        if not path or not isinstance(path, str):
+            raise not_found("image not found in the datastore")
+        image, _ = self.image_loader(path)
+        try:
+            range_key, intensity = image.intensity(req.get("modality") or None, req.get("ct_window"))
+        except ValueError as e:
+            raise bad_request(str(e)) from e
+        context = {"image": image, "range_key": range_key, "intensity": intensity, "encoder_runs": 0}
+        volume, result = getattr(self, f"run_{mode}")(req, context)
+        path_out = write_label(volume, image, req.get("result_extension"), req.get("result_dtype"))
+        result.update({"mode": mode, "modality": range_key[0], "device": str(self.device),
+                       "encoder_runs": context["encoder_runs"],
+                       "latencies": {"total_ms": round((time.perf_counter() - begin) * 1000, 1)}})
+        logger.info(f"One-Prompt {mode} on {path}: {({k: v for k, v in result.items() if k != 'objects'})}")
+        return path_out, result
+
+    def mode(self, req: dict) -> str:
+        mode = str(req.get("mode") or "").strip().lower()
+        if mode:
+            if mode not in MODES:
+                raise bad_request(f"'mode' must be one of {', '.join(MODES)}, got {req.get('mode')!r}")
+            return mode
+        if req.get("template") or req.get("templates"):
+            return "segment"
+        if prompt_kind(req):
+            return "interactive"
+        label = self.label_name(req, required=False)
+        if label and self.store.metas(label):
+            return "segment"
+        raise bad_request("no prompt: give a prompt (clicks, 'roi', a doodle or a mask), a 'template' to segment "
+                          f"with, or a 'mode' ({', '.join(MODES)})")
+
+    @staticmethod
+    def label_name(req: dict, required: bool = True) -> str | None:
+        """The structure's name: `label` (Slicer's segment name), or `label_name` when `label` is an uploaded file."""
+        name = req.get("label_name") or (None if uploaded_label(req) else req.get("label"))
+        if required and (not name or not isinstance(name, str)):
+            raise bad_request("name the structure: 'label' (or 'label_name' when a label file is uploaded)")
+        return name if isinstance(name, str) and name else None
+
+    # -- geometry and features -------------------------------------------------------------------------------
+    def axis_for(self, req: dict, image: LoadedImage, default: int | None = None) -> int | None:
+        """None for 2D images; else `axis`, else `default`, else the supplement's slicing axis (the coarsest;
+        the last one on isotropic volumes)."""
+        if image.is_2d:
+            return None
+        axis = _int_param(req, "axis")
+        if axis is None:
+            axis = default
+        if axis is None:
+            from lib.oneprompt.dataset import slicing_axes
+
+            spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+            if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+                raise bad_request("the volume has no usable voxel spacing to choose a slicing axis: give 'axis'")
+            axis = slicing_axes(spacing)[0]
+        if axis not in (0, 1, 2):
+            raise bad_request(f"'axis' must be 0, 1 or 2, got {axis}")
+        return axis
+
+    def frame(self, image: LoadedImage, axis: int | None) -> SliceFrame:
+        box, _ = self.boxes.get_or_compute(image.fingerprint, lambda: nonzero_box(image))
+        return SliceFrame(slice_window(box, axis), slice_shape(image, axis))
+
+    def encoded(self, context: dict, axis: int | None, index: int | None, frame: SliceFrame):
+        """(unit image (3, S, S), features {name: (1, C, h, w) fp16}) of a slice, or None for a uniform slice."""
+        image = context["image"]
+        key = ("oneprompt", image.fingerprint, context["range_key"], axis, index)
+
+        def compute():
+            unit = model_input(image, axis, index, context["intensity"], frame)
+            if unit is None:
+                return None
+            context["encoder_runs"] += 1
+            with torch.inference_mode():
+                feats = self.model.encode(unit[None].to(self.device))
+            return unit, {k: v.half().cpu() for k, v in feats.items()}
+
+        value, _ = self.features.get_or_compute(key, compute)
+        return value
+
+    def model_prompt(self, prompt: dict, unit: torch.Tensor):
+        """A stored or parsed prompt (model pixels) -> the model's Prompt for one template, on the device (the
+        model reads the Prompt itself, not just its (p1, p2): it also draws it on the template)."""
+        from lib.oneprompt.model import Prompt
+
+        kind = prompt["kind"]
+        if kind in ("click", "doodle"):
+            points = torch.as_tensor(np.asarray(prompt["points"], dtype=np.float32))[None]
+            labels = torch.as_tensor(np.asarray(prompt["labels"], dtype=np.int64))[None]
+            p = Prompt.click(points, labels) if kind == "click" else Prompt.doodle(points, labels)
+        elif kind == "bbox":
+            p = Prompt.bbox(torch.as_tensor(np.asarray(prompt["box"], dtype=np.float32))[None])
+        else:
+            mask = torch.as_tensor(np.asarray(prompt["mask"], dtype=np.float32))[None, None]
+            p = Prompt.seglab(mask, unit[None].float())
+        if kind == "seglab" and self.model.prompt_encoder.seglab is None:
+            raise RequestError(503, "the One-Prompt weights have no SegLab autoencoder: SegLab prompts are off")
+        return _to(p, self.device)
+
+    def probabilities(self, query: dict, template: dict, prompt) -> torch.Tensor:
+        """(B, S, S) probabilities on the query for B prompts on one template (B from the prompt)."""
+        batch = prompt.batch_size
+        expand = lambda feats: {k: v.to(self.device).expand(batch, *v.shape[1:]) for k, v in feats.items()}
+        with torch.inference_mode():
+            logits = self.model(expand(query), expand(template), prompt)
+        return torch.sigmoid(logits.float())[:, 0].cpu()
+
+    # -- modes -----------------------------------------------------------------------------------------------
+    def _prompted_slice(self, req: dict, context: dict):
+        image = context["image"]
+        axis = self.axis_for(req, image)
+        frame = self.frame(image, axis)
+        index, prompt = parse_template_prompt(req, image, axis, frame)
+        encoded = self.encoded(context, axis, index, frame)
+        if encoded is None:
+            raise bad_request(f"slice {index} is uniform inside the image: nothing to prompt there")
+        return axis, index, frame, prompt, encoded
+
+    def _self_prediction(self, req: dict, context: dict, axis, index, frame, prompt, encoded):
+        unit, feats = encoded
+        probs = self.probabilities(feats, feats, self.model_prompt(prompt, unit))[0]
+        mask = (frame.to_slice(probs) > _float(req, "threshold")).numpy()
+        value = _label_value(req)
+        volume = np.zeros(context["image"].spatial_shape, dtype=np.uint8)
+        place_on_volume(mask.astype(np.uint8) * value, context["image"], axis, index, volume)
+        return volume, {"axis": axis, "slice": index, "prompt": prompt["kind"], "mask_voxels": int(mask.sum()),
+                        "mean_probability": round(float(probs[probs > 0.5].mean()), 4) if (probs > 0.5).any() else 0}
+
+    def run_register(self, req: dict, context: dict):
+        label = self.label_name(req)
+        axis, index, frame, prompt, encoded = self._prompted_slice(req, context)
+        image = context["image"]
+        meta = {"prompt_kind": prompt["kind"], "image": _image_id(image.path), "image_path": image.path,
+                "axis": axis, "slice": index, "modality": context["range_key"][0],
+                "ct_window": context["range_key"][1], "slice_shape": list(frame.slice_shape),
+                "window_rc": list(frame.window.as_tuple()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        template_id = self.store.add(label, encoded[0], encoded[1], prompt, meta)
+        volume, info = self._self_prediction(req, context, axis, index, frame, prompt, encoded)
+        count = len(self.store.metas(label))
+        return volume, {"label_names": {label: _label_value(req)}, "template": template_id,
+                        "templates_of_label": count, **info}
+
+    def run_interactive(self, req: dict, context: dict):
+        axis, index, frame, prompt, encoded = self._prompted_slice(req, context)
+        volume, info = self._self_prediction(req, context, axis, index, frame, prompt, encoded)
+        return volume, {"label_names": {self.label_name(req, required=False) or "object": _label_value(req)}, **info}
+
+    def run_segment(self, req: dict, context: dict):
+        names = req.get("templates") or req.get("template") or self.label_name(req, required=False)
+        if isinstance(names, str) and names.strip().startswith("["):
+            names = _as_list(names, "templates")
+        if not names:
+            raise bad_request("segment needs a 'template' (a label with templates, or a template id)")
+        templates = [self.store.load(i) for i in self.store.resolve(names)]
+        image = context["image"]
+        axis = self.axis_for(req, image, default=templates[0].meta.get("axis"))
+        frame = self.frame(image, axis)
+        indices = self.slice_range(req, image, axis)
+        prompts = [self.model_prompt(t.prompt, t.image) for t in templates]
+        threshold, value = _float(req, "threshold"), _label_value(req)
+        gate = axis is not None and _bool(req, "volume_gate")
+        margin = _float(req, "gate_margin")
+        if not margin >= 0:
+            raise bad_request(f"'gate_margin' must be a cosine margin >= 0 (default 0.1), got {margin}")
+        prototypes = self.template_prototypes(templates, prompts, threshold) if gate else None
+        volume = np.zeros(image.spatial_shape, dtype=np.uint8)
+        masks, similarity, skipped = {}, {}, 0
+        start = time.perf_counter()
+        step = max(1, min(self.progress_every, len(indices) // 10 or 1))
+        for n, index in enumerate(indices):
+            encoded = self.encoded(context, axis, index, frame)
+            if encoded is None:
+                skipped += 1
+            else:
+                probs = torch.stack([self.probabilities(encoded[1], t.features, e)[0]
+                                     for t, e in zip(templates, prompts)]).mean(0)
+                mask = (frame.to_slice(probs) > threshold).numpy()
+                predicted = probs > threshold
+                if mask.any():
+                    masks[index] = mask
+                    if gate and predicted.any():
+                        similarity[index] = prototype_consistency(encoded[1]["neck"], predicted, prototypes)
+            if axis is not None and ((n + 1) % step == 0 or n + 1 == len(indices)):
+                logger.info(f"One-Prompt segment {_image_id(image.path)} with {len(templates)} template(s): "
+                            f"{n + 1}/{len(indices)} slices ({100 * (n + 1) // len(indices)}%), "
+                            f"{time.perf_counter() - start:.0f}s")
+        kept = consistent_run(indices, similarity, margin) if gate else sorted(masks)
+        for index in kept:
+            place_on_volume(masks[index].astype(np.uint8) * value, image, axis, index, volume)
+        label = templates[0].label
+        gate_info = None
+        if gate:
+            gate_info = {"margin": margin, "predicted_slices": len(masks), "removed_slices": len(masks) - len(kept),
+                         "peak_slice": max(similarity, key=similarity.get) if similarity else None,
+                         "kept_range": [kept[0], kept[-1] + 1] if kept else None}
+        return volume, {"label_names": {self.label_name(req, required=False) or label: value},
+                        "templates": [t.id for t in templates], "axis": axis,
+                        "slices": None if axis is None else [indices[0], indices[-1] + 1],
+                        "labelled_slices": len(kept), "skipped_uniform_slices": skipped, "volume_gate": gate_info,
+                        "mask_voxels": int((volume > 0).sum())}
+
+    def template_prototypes(self, templates: list, prompts: list, threshold: float) -> torch.Tensor:
+        """(T, C) unit prototypes: each template's "neck" features averaged under its own prediction on its slice
+        (under the drawn prompt where that prediction is empty)."""
+        out = []
+        for t, prompt in zip(templates, prompts):
+            weights = (self.probabilities(t.features, t.features, prompt)[0] > threshold).float()[None, None]
+            if not weights.any():
+                with torch.inference_mode():
+                    weights = self.model.prompt_encoder.prompt_map(prompt)[:, :1].float().cpu()
+            out.append(masked_prototype(t.features["neck"].float(), weights)[0])
+        return torch.nn.functional.normalize(torch.stack(out), dim=1)
+
+    @staticmethod
+    def slice_range(req: dict, image: LoadedImage, axis: int | None) -> list:
+        if axis is None:
+            if req.get("slices") not in (None, "", []):
+                raise bad_request("'slices' is for volumes; this is a 2D image")
+            return [None]
+        size = image.spatial_shape[axis]
+        bounds = _as_list(req.get("slices"), "slices")
+        if not bounds:
+            return list(range(size))
+        if len(bounds) != 2 or not all(isinstance(v, int) for v in bounds):
+            raise bad_request(f"'slices' must be [start, end) slice indices, got {bounds!r}")
+        start, end = bounds
+        if not 0 <= start < end <= size:
+            raise bad_request(f"'slices' {bounds} must satisfy 0 <= start < end <= {size} along axis {axis}")
+        return list(range(start, end))
+
+    def run_everything(self, req: dict, context: dict):
+        image = context["image"]
+        template = None
+        if req.get("template") or req.get("templates"):
+            template = self.store.load(self.store.resolve(req.get("template") or req.get("templates"))[0])
+        axis = self.axis_for(req, image, default=template.meta.get("axis") if template else None)
+        frame = self.frame(image, axis)
+        index = None
+        if axis is not None:
+            index = _int_param(req, "slice")
+            index = image.spatial_shape[axis] // 2 if index is None else index
+            if not 0 <= index < image.spatial_shape[axis]:
+                raise bad_request(f"'slice' {index} is outside 0..{image.spatial_shape[axis] - 1} along axis {axis}")
+        encoded = self.encoded(context, axis, index, frame)
+        if encoded is None:
+            raise bad_request(f"slice {index} is uniform inside the image: nothing to segment there")
+        unit, feats = encoded
+        t_unit, t_feats = (template.image, template.features) if template else (unit, feats)
+        grid = _int(req, "grid")
+        if not 1 <= grid <= 32:
+            raise bad_request(f"'grid' must be 1..32 points per side, got {grid}")
+        points = grid_points(t_unit, grid)
+        if not len(points):
+            raise bad_request("the template slice has no foreground to place prompts on")
+        probs = []
+        for s in range(0, len(points), DECODE_BATCH):
+            chunk = torch.as_tensor(points[s:s + DECODE_BATCH])[:, None]
+            probs.append(self.probabilities(feats, t_feats, self.click_prompts(chunk)))
+        probs = torch.cat(probs)
+        kept = select_masks(probs, _float(req, "threshold"), _int(req, "min_pixels"), _float(req, "iou_threshold"))
+        label = np.zeros(frame.slice_shape, dtype=np.uint8)
+        objects = []
+        # Paint the weakest first, so that where masks overlap the more confident one wins.
+        for rank, (i, score) in reversed(list(enumerate(kept))):
+            mask = (frame.to_slice(probs[i]) > _float(req, "threshold")).numpy()
+            label[mask] = rank + 1
+        for rank, (i, score) in enumerate(kept):
+            objects.append({"label": rank + 1, "click_xy": [round(float(v), 1) for v in points[i]],
+                            "mean_probability": round(score, 4), "voxels": int((label == rank + 1).sum())})
+        volume = np.zeros(image.spatial_shape, dtype=np.uint8)
+        place_on_volume(label, image, axis, index, volume)
+        return volume, {"label_names": {f"object_{o['label']}": o["label"] for o in objects}, "objects": objects,
+                        "axis": axis, "slice": index, "prompts": len(points), "masks": len(objects),
+                        "template": template.id if template else None}
+
+    def click_prompts(self, points: torch.Tensor):
+        """(B, 1, 2) positive clicks -> one batched click Prompt (B prompts), on the device."""
+        from lib.oneprompt.model import Prompt
+
+        return _to(Prompt.click(points.float(), torch.ones(points.shape[0], 1, dtype=torch.long)), self.device)
+
+
+# -- segment everything: prompts and mask selection -----------------------------------------------------------------
+def grid_points(unit: torch.Tensor, grid: int, level: float = 0.1) -> np.ndarray:
+    """(N, 2) model (x, y) clicks: the centres of a grid x grid lattice over the bounding box of the slice's
+    non-background pixels (brighter than `level` of its range), those that fall on such pixels."""
+    grey = unit.float().mean(0).numpy()
+    lo, hi = float(grey.min()), float(grey.max())
+    foreground = grey > lo + level * (hi - lo)
+    if not foreground.any():
+        return np.zeros((0, 2), np.float32)
+    ys, xs = np.nonzero(foreground)
+    cols = xs.min() + (np.arange(grid) + 0.5) * (xs.max() - xs.min() + 1) / grid
+    rows = ys.min() + (np.arange(grid) + 0.5) * (ys.max() - ys.min() + 1) / grid
+    points = np.array([[x, y] for y in rows for x in cols], dtype=np.float32)
+    inside = foreground[points[:, 1].astype(int), points[:, 0].astype(int)]
+    return points[inside]
+
+
+def select_masks(probs: torch.Tensor, threshold: float, min_pixels: int, iou_threshold: float) -> list:
+    """[(index, mean probability inside the mask)] of the masks kept, best first: at least `min_pixels`, and no
+    two with IoU above `iou_threshold` (of such a pair, the one with the lower mean probability goes)."""
+    masks = probs > threshold
+    areas = masks.flatten(1).sum(1)
+    scores = [(i, float(probs[i][masks[i]].mean())) for i in range(len(probs)) if int(areas[i]) >= max(1, min_pixels)]
+    scores.sort(key=lambda s: -s[1])
+    kept = []
+    for i, score in scores:
+        overlaps = [float((masks[i] & masks[j]).sum()) / float((masks[i] | masks[j]).sum()) for j, _ in kept]
+        if not overlaps or max(overlaps) <= iou_threshold:
+            kept.append((i, score))
+    return kept
+
+
+# -- small helpers --------------------------------------------------------------------------------------------------
+def prototype_consistency(query_neck: torch.Tensor, predicted: torch.Tensor, prototypes: torch.Tensor) -> float:
+    """Cosine similarity between the query's "neck" features averaged under its predicted mask (S, S) and the
+    templates' prototypes (T, C), averaged over the templates: is what was drawn on this slice the template's
+    structure, or only something at the same place?"""
+    proto = masked_prototype(query_neck.float(), predicted.float()[None, None])[0]
+    return float((prototypes @ torch.nn.functional.normalize(proto, dim=0)).mean())
+
+
+def consistent_run(indices: list, similarity: Dict[int, float], margin: float) -> list:
+    """The volume gate: of the slices with a prediction (keys of `similarity`), keep the unbroken run of `indices`
+    around the most template-like slice in which every slice's similarity is within `margin` of that peak. Why:
+    trained only on queries that hold their structure (the paper's sampling), the decoder draws the template's
+    structure on nearly every slice of a volume, at the prompt's place; where the structure is absent, the features
+    under that drawing are those of other tissue, so their similarity to the template's prototype drops, and a
+    structure is one connected run of slices."""
+    if not similarity:
+        return []
+    peak = max(similarity, key=similarity.get)
+    floor = similarity[peak] - margin
+    position = {index: n for n, index in enumerate(indices)}
+    kept = [peak]
+    for direction in (1, -1):
+        n = position[peak] + direction
+        while 0 <= n < len(indices) and similarity.get(indices[n], -np.inf) >= floor:
+            kept.append(indices[n])
+            n += direction
+    return sorted(kept)
+
+
+def _to(prompt, device):
+    for name in ("points", "labels", "boxes", "mask", "image"):
+        value = getattr(prompt, name)
+        if value is not None:
+            setattr(prompt, name, value.to(device))
+    return prompt
+
+
+def _float(req: dict, key: str) -> float:
+    try:
+        return float(req.get(key))
+    except (TypeError, ValueError) as e:
+        raise bad_request(f"'{key}' must be a number, got {req.get(key)!r}") from e
+
+
+def _bool(req: dict, key: str) -> bool:
+    try:
+        return flag_value(req.get(key))
+    except ValueError as e:
+        raise bad_request(f"'{key}' must be true or false, got {req.get(key)!r}") from e
+
+
+def _int(req: dict, key: str) -> int:
+    try:
+        return int(req.get(key))
+    except (TypeError, ValueError) as e:
+        raise bad_request(f"'{key}' must be an integer, got {req.get(key)!r}") from e
+
+
+def _label_value(req: dict) -> int:
+    value = req.get("label_value", 1)
+    try:
+        value = int(value)
+    except (TypeError, ValueError) as e:
+        raise bad_request(f"'label_value' must be an integer, got {value!r}") from e
+    if not 1 <= value <= 255:
+        raise bad_request(f"'label_value' must be 1..255, got {value}")
+    return value
+
+
+def _image_id(path: str) -> str:
+    import os
+
+    name = os.path.basename(path.rstrip("/"))
+    for ext in (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
