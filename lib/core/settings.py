@@ -6,6 +6,8 @@ import os
 
 import yaml
 
+from lib.core.requests import parse_flag
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_SETTINGS_FILE = os.path.join(REPO_ROOT, "configs", "app.yaml")
 
@@ -16,10 +18,13 @@ def load_settings(conf: dict | None = None, path: str = DEFAULT_SETTINGS_FILE) -
     for key, value in (conf or {}).items():
         if key in settings and isinstance(value, str):
             default = settings[key]
-            if isinstance(default, bool):
-                value = value.strip().lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int):
-                value = int(value)
+            try:
+                if isinstance(default, bool):
+                    value = parse_flag(value)
+                elif isinstance(default, int):
+                    value = int(value)
+            except ValueError as e:
+                raise ValueError(f"--conf {key} {value!r}: {e}") from e
         settings[key] = value
     return settings
 

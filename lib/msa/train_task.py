@@ -36,7 +36,7 @@ from lib.models.sam.adapters import AdapterSettings, adapter_state, parameter_co
 from lib.core.images import load_image
 from lib.core.stores import LabelStore
 from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, evenly_spread, foreground_slices,
-                         int_field, labelled_cases, labelled_volumes)
+                         int_field, labelled_cases, labelled_volumes, number_field)
 from lib.msa.learner import AdapterLearner, AdapterTrainingSettings
 from lib.core.losses import segmentation_loss
 
@@ -93,15 +93,16 @@ class MSATrainTask(LabelTrainTask):
         try:
             depth = int_field(request, "depth", 1, MAX_DEPTH)
             adapters = AdapterSettings.from_dict({**request, "depth_branch": depth > 1,
-                                                  "bottleneck_ratio": float(request["bottleneck_ratio"]),
-                                                  "mlp_scale": float(request["mlp_scale"]),
+                                                  "bottleneck_ratio": number_field(request, "bottleneck_ratio", 0.0, 4.0),
+                                                  "mlp_scale": number_field(request, "mlp_scale", 0.0, 10.0),
                                                   "decoder_adapters": parse_flag(request["decoder_adapters"]),
                                                   "train_decoder_tail": parse_flag(request["train_decoder_tail"])})
             training = AdapterTrainingSettings(
                 epochs=int_field(request, "epochs", 1, 1000), batch_size=int_field(request, "batch_size", 1, 64),
-                learning_rate=float(request["learning_rate"]),
-                tail_learning_rate=float(request["tail_learning_rate"]),
-                weight_decay=float(request["weight_decay"]), box_fraction=float(request["box_fraction"]),
+                learning_rate=number_field(request, "learning_rate", 0.0, 1.0),
+                tail_learning_rate=number_field(request, "tail_learning_rate", 0.0, 1.0),
+                weight_decay=number_field(request, "weight_decay", 0.0, 10.0),
+                box_fraction=number_field(request, "box_fraction", 0.0, 1.0),
                 max_clicks=int_field(request, "max_clicks", 1, 20), depth=depth,
                 seed=int_field(request, "seed", 0, 2 ** 31))
         except (TypeError, ValueError) as e:

@@ -35,7 +35,7 @@ from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor
 from lib.core.requests import parse_flag
 from lib.core.stores import LabelStore
 from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, evenly_spread, foreground_slices,
-                         int_field, labelled_cases, labelled_volumes)
+                         int_field, labelled_cases, labelled_volumes, number_field)
 from lib.sammed.sapnet import SAPNetLearner
 from lib.core.losses import segmentation_loss
 from lib.sammed.samassist import PromptEncoderLearner, PromptLearningSettings, select_training_slices, state_dict_of
@@ -94,7 +94,7 @@ class SAMassistTrainTask(LabelTrainTask):
         try:
             return replace(PromptLearningSettings(), prompt=str(request["prompt"]), scheme=str(request["scheme"]),
                            iterations=int_field(request, "iterations", 1, 10000),
-                           learning_rate=float(request["learning_rate"]), seed=int_field(request, "seed", 0, 2 ** 31))
+                           learning_rate=number_field(request, "learning_rate", 0.0, 1.0), seed=int_field(request, "seed", 0, 2 ** 31))
         except (TypeError, ValueError) as e:
             raise TrainingRequestError(str(e)) from e
 
