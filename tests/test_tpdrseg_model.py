@@ -1,4 +1,4 @@
-"""TP-DRSeg model and trainer core (issue 6): explicit prior, prior-aligned injectors, class-specific prompt generator,
+"""TP-DRSeg (Li et al., MICCAI 2024) model and trainer core: explicit prior, prior-aligned injectors, class-specific prompt generator,
 SAM decoder; loss, weights file, metrics.
 
 Also the vision-only adapter baseline (`baselines.AdapterSAM`) with the same interface.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lib.models.sam import MaskDecoder, PromptEncoder, Sam, TinyViTImageEncoder, TwoWayTransformer
-from lib.msa.adapters import AdapterSettings
+from lib.models.sam.adapters import AdapterSettings
 from lib.tpdrseg.model.baselines import AdapterSAM
 from lib.tpdrseg.model.clip import CLIP, CLIPConfig
 from lib.tpdrseg.model.prior_encoder import minmax_maps, similarity_maps

@@ -1,4 +1,4 @@
-"""TP-DRSeg served as model `tpdrseg` (issue 6; lib/tpdrseg/infer.py, lib/tpdrseg/train_task.py).
+"""TP-DRSeg (Li et al., MICCAI 2024) served as model `tpdrseg` (lib/tpdrseg/infer.py, lib/tpdrseg/train_task.py).
 
 Through one server on a copy of the sample data, whose `fundus_synthetic_lesions.png` carries SYNTHETIC lesions with
 a 4-class label: /info lists the classes; without weights /infer is a 503 that says how to train; POST /train/tpdrseg
@@ -27,11 +27,12 @@ import torch
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from helpers import REPO, Server, copy_sample_data, dice, read_label, server_info, start_training, wait_for_training
-from lib.configs.tpdrseg import DEFAULT_WEIGHTS
 from lib.core.errors import RequestError
-from lib.tpdrseg.infer import (finite, model_input, model_target, parse_text, probabilities_back, read_weights,
-                                write_weights)
+from lib.tpdrseg.checkpoint import finite, read_weights, write_weights
 from lib.tpdrseg.model.descriptions import LesionCatalogue
+from lib.tpdrseg.preprocessing import model_input, model_target, probabilities_back
+from lib.tpdrseg.served_models import DEFAULT_WEIGHTS
+from lib.tpdrseg.text_prompts import parse_text
 
 MODEL = "tpdrseg"
 IMAGE = "fundus_synthetic_lesions"

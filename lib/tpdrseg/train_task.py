@@ -6,10 +6,10 @@ covering more is not a lesion map, e.g. sample-data's retina field-of-view mask)
 restricts the choice; images that do not qualify are listed with the reason in train_stats.
 
 What a run does, in the subprocess MONAI Label starts for training:
-1. Reads the images as the infer task does (RGB 0-255 -> [0, 1], padded to a square, area-resized to 256 px; masks
-   max-pooled as in lib/tpdrseg/training.py). With `validation_images` (default: a fifth of the images when there
-   are at least 2, else none) images held out, evenly spread; with none, the metrics are on the training images
-   and say so.
+1. Reads the images as the infer task does and lib/tpdrseg/training.py trains on them (RGB 0-255 -> [0, 1], padded
+   to a square, area-resized to 256 px; masks max-pooled: lib/tpdrseg/preprocessing.py). With `validation_images`
+   (default: a fifth of the images when there are at least 2, else none) images held out, evenly spread; with none,
+   the metrics are on the training images and say so.
 2. Starts from the weights the infer task serves (`init: "served"`, default; a fresh model when there are none) or
    from scratch (`init: "scratch"`), and runs lib/tpdrseg/training.py's training step (AdamW, BCE + IoU, prior
    loss, flips, `classes_per_image` random classes per image) under MONAI's ignite SupervisedTrainer, one
@@ -23,7 +23,6 @@ What a run does, in the subprocess MONAI Label starts for training:
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
@@ -32,11 +31,13 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monailabel.tasks.train.basic_train import Context
 
-from lib.sam.interactive import truthy
-from lib.tpdrseg.infer import TPDRSegModels, finite, model_input, model_target, write_weights
 from lib.core.images import IMAGE_2D_EXTENSIONS, load_image
-from lib.tpdrseg import training as core
+from lib.core.requests import parse_flag
 from lib.core.training import LabelTrainTask, TrainingRequestError, int_field, number_field
+from lib.tpdrseg import training
+from lib.tpdrseg.checkpoint import finite, write_weights
+from lib.tpdrseg.preprocessing import model_input, model_target
+from lib.tpdrseg.served_models import TPDRSegModels
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class TPDRSegTrainTask(LabelTrainTask):
 
     def __init__(self, model_dir: str, models: TPDRSegModels, device=None,
                  description: str = "TP-DRSeg: train the text-prompted lesion model on labelled fundus images"):
-        defaults = core.TrainConfig()
+        defaults = training.TrainConfig()
         config = {"steps": 200, "batch_size": defaults.batch_size, "classes_per_image": defaults.classes_per_image,
                   "learning_rate": defaults.lr, "weight_decay": defaults.weight_decay,
                   "prior_loss_weight": defaults.prior_loss_weight, "fg_weight_cap": defaults.fg_weight_cap,
@@ -68,8 +69,8 @@ class TPDRSegTrainTask(LabelTrainTask):
                     "weight_decay": number_field(request, "weight_decay", 0.0, 10.0),
                     "prior_loss_weight": number_field(request, "prior_loss_weight", 0.0, 100.0),
                     "fg_weight_cap": number_field(request, "fg_weight_cap", 0.0, 1000.0),
-                    "flips": truthy(request["flips"]), "seed": int_field(request, "seed", 0, 2 ** 31),
-                    "gradient_checkpointing": truthy(request["gradient_checkpointing"])}
+                    "flips": parse_flag(request["flips"]), "seed": int_field(request, "seed", 0, 2 ** 31),
+                    "gradient_checkpointing": parse_flag(request["gradient_checkpointing"])}
         init = str(request.get("init") or "served").lower()
         if init not in ("served", "scratch"):
             raise TrainingRequestError(f"'init' must be served or scratch, got {init!r}")
@@ -162,7 +163,8 @@ class TPDRSegTrainTask(LabelTrainTask):
 
     def optimizer(self, context: Context):
         s = context.request["settings"]
-        return core.make_optimizer(context.network, core.TrainConfig(lr=s["lr"], weight_decay=s["weight_decay"]))
+        return training.make_optimizer(context.network,
+                                       training.TrainConfig(lr=s["lr"], weight_decay=s["weight_decay"]))
 
     def loss_function(self, context: Context):
         return torch.nn.BCEWithLogitsLoss()  # unused: the step computes the model's own BCE + IoU loss
@@ -178,11 +180,11 @@ class TPDRSegTrainTask(LabelTrainTask):
             idx = torch.randint(len(x_train), (s["batch_size"],), generator=gen)
             xb, yb = x_train[idx], y_train[idx]
             if s["flips"]:
-                xb, yb = core.flip_batch(xb, yb, gen)
-            classes = core.sample_classes(len(idx), yb.shape[1], s["classes_per_image"], gen)
+                xb, yb = training.flip_batch(xb, yb, gen)
+            classes = training.sample_classes(len(idx), yb.shape[1], s["classes_per_image"], gen)
             device = context.device
-            return core.train_step(context.network, engine.optimizer, xb.to(device), yb.to(device),
-                                   classes.to(device), s["prior_loss_weight"], s["fg_weight_cap"])
+            return training.train_step(context.network, engine.optimizer, xb.to(device), yb.to(device),
+                                       classes.to(device), s["prior_loss_weight"], s["fg_weight_cap"])
 
         trainer = SupervisedTrainer(device=context.device, max_epochs=1, train_data_loader=steps,
                                     network=context.network, optimizer=context.optimizer,
@@ -213,8 +215,8 @@ class TPDRSegTrainTask(LabelTrainTask):
         on = "validation" if "validation" in context.data else "train"
         images, masks = context.data[on]
         model = context.network
-        metrics = core.lesion_metrics(core.predict(model, images.to(context.device)), masks.numpy(),
-                                      model.class_names)
+        metrics = training.lesion_metrics(training.predict(model, images.to(context.device)), masks.numpy(),
+                                          model.class_names)
         validation = {"on": "held-out images" if on == "validation" else
                       "the training images (no image held out: label more images for a held-out score)",
                       "images": [d["id"] for d in context.datalist if d["role"] == on],

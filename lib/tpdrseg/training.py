@@ -1,11 +1,8 @@
-"""Training and evaluation of TP-DRSeg (issue 6) on the synthetic fundus-lesion data (data/fundus_lesions).
+"""Training and evaluation of TP-DRSeg (Li et al., MICCAI 2024) on the synthetic fundus-lesion data
+(data/fundus_lesions).
 
-Data: `prepare_arrays` takes the 512 px images and 4-class masks to the model's 256 px. Images: area averaging (each
-256 px pixel is the mean of a 2x2 block, no aliasing). Masks: 2x2 max-pooling, i.e. a 256 px pixel is lesion if ANY
-of its 2x2 source pixels is. Microaneurysms are 40-125 um, 2-5 px at 512 px (about 25 um/px): an area-fraction
-threshold of 0.5 would drop the smallest ones or make them flicker with their sub-pixel position, and a missing
-microaneurysm is a lost positive of the rarest class; max-pooling keeps every lesion, at the price of growing edges by
-at most one 512 px pixel (half a 256 px pixel). Metrics at 256 px are against the same pooled masks.
+Data: `prepare_arrays` (lib/tpdrseg/preprocessing.py, the geometry the server uses too) takes the 512 px images and
+4-class masks to the model's 256 px: images area-averaged, masks max-pooled so that no microaneurysm is lost.
 
 Training (`train`): AdamW (lr 1e-4, the paper's), BCE + IoU loss (+ an optional auxiliary loss on the learned
 prior, `TPDRSeg.loss`), random left/right and up/down flips (left/right = the other eye; the synthetic backgrounds
@@ -33,26 +30,16 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from lib.core.requests import parse_flag
 from lib.tpdrseg.dataset import CLASSES, REPO_ROOT, ensure_dataset, load_dataset
+from lib.tpdrseg.preprocessing import prepare_arrays
 
 logger = logging.getLogger(__name__)
 DEFAULT_DATA = REPO_ROOT / "data" / "fundus_lesions"
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def prepare_arrays(images: np.ndarray, masks: np.ndarray, size: int = 256):
-    """uint8 images (N, H, W, 3), masks (N, K, H, W) -> float images (N, 3, size, size) in [0, 1] (area mean),
-    float masks (N, K, size, size) in {0, 1} (max-pooled: any lesion pixel in the block)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    y = torch.from_numpy(np.ascontiguousarray(masks)).float()
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="area")
-        y = F.adaptive_max_pool2d(y, (size, size))
-    return x.contiguous(), (y > 0).float().contiguous()
-
-
 def flip_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
     """Random left/right and up/down flips, the same for an image and its masks."""
     images, masks = images.clone(), masks.clone()
@@ -251,8 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             continue  # recorded, not chosen
         kind = type(value) if value is not None else str
         if kind is bool:
-            parser.add_argument(f"--{field.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                                default=value)
+            parser.add_argument(f"--{field.replace('_', '-')}", type=parse_flag, default=value)
         else:
             parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
     parser.add_argument("--model", default="tpdrseg", choices=("tpdrseg", "adapter"),

@@ -1,6 +1,6 @@
-"""TP-DRSeg (issue 6): lesion descriptions, frozen text encoders (MiniLM offline default, CLIP from local weights),
-the explicit prior map, and the model (explicit prior encoder, prior-aligned injectors, class-specific prompt
-generator, SAM decoder: `model.py`). Nothing here imports torchvision, timm, open_clip or sentence-transformers."""
+"""TP-DRSeg (Li et al., MICCAI 2024): lesion descriptions, frozen text encoders (MiniLM offline default, CLIP from
+local weights), the explicit prior map, and the model (explicit prior encoder, prior-aligned injectors,
+class-specific prompt generator, SAM decoder: `model.py`). Nothing here imports torchvision, timm, open_clip or sentence-transformers."""
 
 from lib.tpdrseg.model.descriptions import DEFAULT_LESIONS_FILE, LesionCatalogue, LesionClass, normalise
 from lib.tpdrseg.model.text_encoder import CLIPTextEncoder, MiniLMTextEncoder, build_text_encoder

@@ -1,4 +1,4 @@
-"""Vision-only baseline for TP-DRSeg (issue 6): the paper's "Adapter" / "SAM-Adapter" rows (Tables 1-2), i.e.
+"""Vision-only baseline for TP-DRSeg (Li et al., MICCAI 2024): the paper's "Adapter" / "SAM-Adapter" rows (Tables 1-2), i.e.
 parameter-efficient fine-tuning of the same frozen SAM without text or prior.
 
     image -> frozen SAM encoder with MSA adapters (`sam/adapters.py`, 2 per attention block) -> F_e (once per image)
@@ -12,8 +12,8 @@ adapters, the class tokens and what the MSA paper trains in the decoder besides 
 block, final attention and mask head: `AdapterSettings.train_decoder_tail`, on by default here although
 `add_adapters`' own default is off). Why on: TP-DRSeg trains its decoder (80% of its 4.4 M trained values), so a
 baseline with a frozen decoder would differ from it in two things at once; and with the decoder frozen, the class
-tokens have only the adapters to bend SAM's single-mask head (a tiny random SAM could not fit one exudate crop in
-100 steps, Dice 0.09, against 0.93 with the tail trained: tests/test_tpdrseg_model.py). Pass
+tokens have only the adapters to bend SAM's single-mask head, too little to fit even one exudate crop
+(tests/test_tpdrseg_model.py). Pass
 `settings=AdapterSettings()` for the adapters-only variant.
 
 The interface is TPDRSeg's, so `lib/tpdrseg/training.py` trains, evaluates and saves either.
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lib.msa.adapters import AdaptedTinyViTBlock, AdaptedViTBlock, AdapterSettings, add_adapters, encoder_steps
+from lib.models.sam.adapters import AdaptedTinyViTBlock, AdaptedViTBlock, AdapterSettings, add_adapters, encoder_steps
 from lib.models.sam.sam import Sam
 from lib.tpdrseg.model.model import class_logits, lesion_bce, load_trainable_parameters, soft_iou_loss
 

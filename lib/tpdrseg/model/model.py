@@ -1,4 +1,4 @@
-"""TP-DRSeg (Li et al., MICCAI 2024; issue 6): text-prompted DR lesion segmentation with a frozen SAM.
+"""TP-DRSeg (Li et al., MICCAI 2024): text-prompted DR lesion segmentation with a frozen SAM.
 
     image -> frozen SAM encoder blocks, each followed by a prior-aligned injector -> F_e --+
       |                                                                                 +-> prompt generator

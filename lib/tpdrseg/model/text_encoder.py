@@ -4,7 +4,8 @@
   embeddings, `minilm.py`). Text only: it has no image tower, so the visual prior P_v must come from a trained
   projection of image features into its 384-d space.
 * `clip`: CLIP (OpenAI / open_clip / Hugging Face ViT-B/16 weights at a path the user gives; `clip.py`) with the BPE
-  tokenizer (`clip_bpe.py`); 512-d, and `image_features` gives the per-patch visual prior P_v as in the paper.
+  tokenizer (`clip_bpe.py`); 512-d; its image tower gives the per-patch visual prior P_v as in the paper
+  (`prior_encoder.ClipVisualPrior`).
 
 Each encoder returns L2-normalised embeddings (N, dim) and caches them per text (the class prompts are embedded once).
 `build_text_encoder(kind, weights, bpe_path)` picks one; `LesionCatalogue.text_for` decides what text is embedded.
@@ -18,7 +19,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from lib.tpdrseg.model.clip import load_clip, normalize_images
+from lib.tpdrseg.model.clip import load_clip
 from lib.tpdrseg.model.clip_bpe import CLIPTokenizer
 from lib.tpdrseg.model.minilm import embed_sentences, load_minilm
 
@@ -69,11 +70,6 @@ class CLIPTextEncoder(_CachedEncoder):
 
     def _embed(self, texts: Sequence[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(texts, truncate=True))
-
-    @torch.no_grad()
-    def image_features(self, images: torch.Tensor, mode: str = "maskclip") -> torch.Tensor:
-        """RGB in [0, 1] (B, 3, H, W) -> per-patch visual prior P_v (B, H/16, W/16, dim), unit L2 norm."""
-        return F.normalize(self.model.dense_image_features(normalize_images(images), mode), dim=-1)
 
 
 def build_text_encoder(kind: str = "minilm", weights: Optional[str] = None, bpe_path: Optional[str] = None):

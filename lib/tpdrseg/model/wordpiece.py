@@ -33,7 +33,6 @@ class WordPieceTokenizer:
         with open(vocab_path, encoding="utf-8") as f:
             tokens = [line.rstrip("\n") for line in f]
         self.vocab: Dict[str, int] = {t: i for i, t in enumerate(tokens)}
-        self.inv_vocab = tokens
         self.max_length = max_length
         self.lowercase = lowercase
         self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
@@ -86,9 +85,6 @@ class WordPieceTokenizer:
             ids.append(found)
             start = end
         return ids
-
-    def tokenize(self, text: str) -> List[str]:
-        return [self.inv_vocab[i] for w in self._basic(text) for i in self._wordpiece(w)]
 
     def encode(self, text: str) -> List[int]:
         ids = [i for w in self._basic(text) for i in self._wordpiece(w)]
