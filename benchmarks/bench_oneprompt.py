@@ -6,10 +6,10 @@ and per volume.
 
 Dice: every held-out task of data/oneprompt (tasks no training step saw: six AAL structure pairs, all INIA19
 macaque regions, the nuclei), each query of its test split given each template of its template split with an
-oracle prompt of each kind (lib.oneprompt.training.evaluate). Baselines: (a) frozen LiteMedSAM given the template's
-prompt copied onto the query (the box; the click as a point; the doodle's box), (b) the training-free prototype
-(masked average of the template's encoder features under its mask, cosine similarity on the query, threshold
-calibrated on training tasks). Reported per task group and overall (tasks weighted equally).
+oracle prompt of each kind (lib.oneprompt.training.evaluation.evaluate). Baselines: (a) frozen LiteMedSAM given the
+template's prompt copied onto the query (the box; the click as a point; the doodle's box), (b) the training-free
+prototype (masked average of the template's encoder features under its mask, cosine similarity on the query,
+threshold calibrated on training tasks). Reported per task group and overall (tasks weighted equally).
 
 Time: the encoder and the decoder per slice against LiteMedSAM (encoder + box decoder) in the same run, and a
 whole Colin27 volume (181 axial slices) through the served task (lib/oneprompt/infer.py: register a template,
@@ -34,7 +34,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lib.configs.oneprompt import DEFAULT_WEIGHTS, load_oneprompt  # noqa: E402
+from lib.oneprompt.checkpoint import DEFAULT_WEIGHTS, load_oneprompt  # noqa: E402
 from lib.oneprompt.infer import OnePromptInfer  # noqa: E402
 from lib.oneprompt.templates import TemplateStore  # noqa: E402
 from lib.oneprompt.model import Prompt  # noqa: E402

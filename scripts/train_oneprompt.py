@@ -25,6 +25,7 @@ sys.path.insert(0, REPO)
 def slice_values(data_dir: str, store, cache_dir=None) -> dict:
     """{image key: label values on that slice} for every data set of the build (lib.oneprompt.dataset.
     slice_label_values), cached in <data>/slice_values.json for this manifest (a few seconds to recompute)."""
+    from lib.core.stores import atomic_write
     from lib.oneprompt import dataset as tasks
 
     path = os.path.join(data_dir, "slice_values.json")
@@ -40,9 +41,7 @@ def slice_values(data_dir: str, store, cache_dir=None) -> dict:
     for spec in tasks.dataset_catalogue(tasks.SAMPLE_DATA, cache_dir or tasks.DEFAULT_CACHE):
         if not built or spec.name in built:
             values.update(tasks.slice_label_values(spec, params["size"], params["axes"]))
-    with open(path + ".tmp", "w") as f:
-        json.dump({"manifest_sha256": manifest, "values": values}, f)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write(json.dumps({"manifest_sha256": manifest, "values": values}).encode()))
     return values
 
 
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
                         "0, the default and the shipped weights: the paper's sampling, every query holds its "
                         "structure). Experimental: 0.3 did not stop whole-volume over-segmentation (README)")
     p.add_argument("--presence-weight", type=float, default=0.0,
-                   help="weight of the image-level presence loss (lib.oneprompt.training.presence_loss; 0, the "
+                   help="weight of the image-level presence loss (lib.oneprompt.training.loop.presence_loss; 0, the "
                         "default and the shipped weights: off). Experimental, with --absent-fraction")
     p.add_argument("--init", default=None,
                    help="start from this weights file's decoder + prompt encoder (fine-tuning; the SegLab autoencoder "
@@ -87,7 +86,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    from lib.oneprompt.model import build_oneprompt
+    from lib.core.stores import atomic_write
+    from lib.oneprompt.model import SegLabAutoencoder, build_oneprompt
     from lib.models.sam.build import build_litemedsam
     from lib.oneprompt import training as op
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     # 2. SegLab autoencoder
     seglab_path = os.path.join(work, "seglab.pt")
     if os.path.exists(seglab_path):
-        seglab = op.SegLabAutoencoder()
+        seglab = SegLabAutoencoder()
         seglab.load_state_dict(torch.load(seglab_path))
         seglab.eval()
         print(f"SegLab autoencoder loaded from {seglab_path}")
@@ -183,9 +183,7 @@ def main(argv=None) -> int:
     report["weights"] = {"path": os.path.relpath(args.out, REPO), "bytes": os.path.getsize(args.out)}
     report["total_seconds"] = time.perf_counter() - t0
     json_path = os.path.splitext(args.out)[0] + ".json"
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(json_path + ".tmp", json_path)
+    atomic_write(json_path, lambda f: f.write(json.dumps(report, indent=1, default=str).encode()))
     print(f"weights: {args.out} ({report['weights']['bytes']} bytes); report {json_path}")
     return 0
 

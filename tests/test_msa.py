@@ -1,4 +1,4 @@
-"""MSA adapters (paper 002): the adapted model, its training through the server, serving one adapter per label."""
+"""MSA adapters (Wu et al., Medical Image Analysis 2025): the adapted model, its training through the server, serving one adapter per label."""
 
 from __future__ import annotations
 

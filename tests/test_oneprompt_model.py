@@ -1,4 +1,4 @@
-"""One-Prompt model (paper 003): prompt encoder, Prompt-Parser against a literal implementation of eqs. (1)-(3),
+"""One-Prompt model (Wu et al., CVPR 2024): prompt encoder, Prompt-Parser against a literal implementation of eqs. (1)-(3),
 its memory, the frozen encoder, a one-pair overfit, and the SegLab autoencoder. CPU, one thread, < 60 s."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One-Prompt served as model `oneprompt` (paper 003; lib/oneprompt/infer.py): templates registered with each
+"""One-Prompt served as model `oneprompt` (Wu et al., CVPR 2024; lib/oneprompt/infer.py): templates registered with each
 prompt kind, segmentation of another slice, of the unlabelled images by batch inference (a 13-slice slab of Colin27
 and a second brain, the sample data's MNI152 template), template ensembling, segment-everything, a 2D image, and clear
 answers to bad requests. One server for the module; the template slice is encoded once and cached. The module costs
@@ -247,9 +247,8 @@ def test_slices_are_preprocessed_as_the_training_data_and_masks_map_back():
     bicubic resize to 256, to_unit), and a mask survives the trip to model pixels and back."""
     from monai.transforms import CropForeground, Resize
 
-    from lib.oneprompt.dataset import nonzero
-    from lib.oneprompt.frame import SliceFrame, model_input, nonzero_box, slice_shape, slice_window
-    from lib.oneprompt.training import to_unit
+    from lib.oneprompt.frame import SliceFrame, slice_shape, slice_window
+    from lib.oneprompt.preprocessing import model_input, nonzero, nonzero_box, to_unit
     from lib.core.transforms.geometry import extract_slice
     from lib.core.transforms.intensity import apply_intensity_range
     from lib.core.images import load_image

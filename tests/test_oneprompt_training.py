@@ -1,4 +1,4 @@
-"""One-Prompt training (lib/oneprompt/training.py): prompt simulation, the task sampler, augmentation alignment,
+"""One-Prompt training (lib/oneprompt/training/): prompt simulation, the task sampler, augmentation alignment,
 the learning-rate schedule, and a 20-step run on tiny synthetic tasks. CPU, one thread, < 60 s."""
 
 from __future__ import annotations

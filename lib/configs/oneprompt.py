@@ -21,11 +21,9 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.configs.backbones import ServedModels
 from lib.core.settings import REPO_ROOT, load_settings, resolve_path
-from lib.oneprompt.checkpoint import load_oneprompt
+from lib.oneprompt.checkpoint import DEFAULT_WEIGHTS, load_oneprompt
 from lib.oneprompt.infer import OnePromptInfer
 from lib.oneprompt.templates import TemplateStore
-
-DEFAULT_WEIGHTS = os.path.join(REPO_ROOT, "lib", "oneprompt", "weights", "oneprompt_litemedsam.pt")
 
 
 class OnePromptConfig(TaskConfig):

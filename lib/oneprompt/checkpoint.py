@@ -8,6 +8,10 @@ import os
 import torch
 
 from lib.core.errors import RequestError
+from lib.core.settings import REPO_ROOT
+
+# The shipped weights (scripts/train_oneprompt.py writes them), served unless `oneprompt_weights` names another file.
+DEFAULT_WEIGHTS = os.path.join(REPO_ROOT, "lib", "oneprompt", "weights", "oneprompt_litemedsam.pt")
 
 # Keys of the weights file's "config" that describe rather than configure the model.
 DESCRIPTIVE_KEYS = ("encoder",)

@@ -4,7 +4,9 @@ A *task* is one target structure of one data set, seen on one kind of 2D image (
 2D image itself): `<dataset>/<structure>/<plane>`, e.g. `colin27_aal/Putamen_L/axial`. Its modality is that of its
 data set. The model learns from pairs of samples of the same task (a prompted template and a query).
 
-Preprocessing follows the One-Prompt supplement, section 1.2 (quoted where it decides something):
+Preprocessing follows the One-Prompt supplement (Wu et al., CVPR 2024), section 1.2 (quoted where it decides
+something); the steps that served slices repeat (crop, slicing axes, resize, [0, 1] scaling) are defined once in
+`lib.oneprompt.preprocessing`:
 
 * Intensities are normalised per *volume* (or 2D image), by the rules of its modality, with the project's own
   `lib.core.transforms.intensity` (the same clip range and statistics the app computes at inference, z-scored):
@@ -51,17 +53,18 @@ from typing import Container, Hashable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Compose, CropForegroundd, LoadImaged, MapTransform, Resized
+from monai.transforms import Compose, CropForegroundd, LoadImaged, MapTransform
 from scipy import ndimage
 
+from lib.core.stores import atomic_write
 from lib.core.transforms.geometry import RepeatChannelsd, extract_slice
 from lib.core.transforms.intensity import ScaleIntensityByModalityd, compute_intensity_range
+from lib.oneprompt.preprocessing import SIZE, nonzero, resize_slices, slicing_axes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE_DATA = os.path.join(REPO, "sample-data")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "promptable-sam", "oneprompt")
 
-SIZE = 256
 MIN_AREA = 100  # pixels at 256 x 256 (0.153% of the image)
 MAX_PER_TASK = 12  # samples per task (templates included)
 N_TEMPLATES = 2
@@ -267,19 +270,6 @@ def plane_name(affine, axis: int | None) -> str:
     return PLANE_OF_AXIS_CODE[nib.aff2axcodes(np.asarray(affine, dtype=np.float64))[axis]]
 
 
-def slicing_axes(spacing: Sequence[float], policy: str = "supplement") -> tuple[int, ...]:
-    """Voxel axes to slice across. "supplement": the one whose two partners have the highest resolution, i.e. the
-    coarsest axis; ties (isotropic volumes) go to the last axis (the first in ITK's (z, y, x) order, whose two
-    trailing axes then span the slice). "all": every axis (the supplement's "mid-slice ... along all axes")."""
-    if policy == "all":
-        return (0, 1, 2)
-    if policy != "supplement":
-        raise ValueError(f"axes policy must be 'supplement' or 'all', got {policy!r}")
-    spacing = np.asarray(spacing, dtype=np.float64)
-    rounded = np.round(spacing / spacing.min(), 2)  # 1% tolerance: 1.0 and 1.0000001 mm are the same
-    return (max(range(3), key=lambda a: (rounded[a], a)),)
-
-
 def _volume_geometry(path: str) -> tuple[np.ndarray | None, tuple | None]:
     """(affine, spacing) from a NIfTI header without reading voxels; (None, None) for 2D images."""
     if not path.endswith((".nii", ".nii.gz")):
@@ -306,10 +296,6 @@ def task_catalogue(specs: Iterable[DatasetSpec], axes: str = "supplement") -> li
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Transforms (MONAI dictionary transforms; volume level, then per slice)
-
-
-def nonzero(x):
-    return x != 0
 
 
 class ProbabilityMapsToLabeld(MapTransform):
@@ -505,8 +491,7 @@ def slice_transforms(spec: DatasetSpec, size: int = SIZE, min_area: int = MIN_AR
     """Slice, resize to size x size (bicubic image, nearest label) and split the label into filtered targets."""
     return Compose([
         SliceVolumed(["image", "label"], axes=axes, skip_empty_key="label"),
-        Resized(["image", "label"], spatial_size=(size, size), mode=("bicubic", "nearest-exact"),
-                anti_aliasing=(True, False)),
+        resize_slices(["image"], size, mask_keys=["label"]),
         SplitTargetsd(values=None if spec.instances else (values if values is not None else list(spec.classes)),
                       min_area=min_area, dissect=dissect, instances=spec.instances),
     ])
@@ -709,7 +694,7 @@ def slice_label_values(spec: DatasetSpec, size: int = SIZE, axes: str = "supplem
                                     "norm": spec.norm, "ct_window": spec.ct_window})
     data = SelectLabelsd("label", values)(data)
     slices = Compose([SliceVolumed(["image", "label"], axes=axes, skip_empty_key=None),
-                      Resized(["label"], spatial_size=(size, size), mode="nearest-exact")])(data)
+                      resize_slices([], size, mask_keys=["label"])])(data)
     if isinstance(slices, dict):
         slices = [slices]
     out = {}
@@ -724,29 +709,23 @@ def _with_split(plan: Plan, split: str) -> Plan:
                 plan.component, plan.n_components, plan.area, plan.bits)
 
 
-def build_samples(specs: Iterable[DatasetSpec] | None = None, **kwargs) -> Iterator[Sample]:
-    """Every sample of every data set (default: the sample-data catalogue), data set by data set; keyword arguments
-    as for `build_dataset`."""
-    for spec in (dataset_catalogue() if specs is None else specs):
-        yield from build_dataset(spec, **kwargs).samples()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Shards: deterministic .npz files (zip members with a fixed date, arrays without pickles)
 
 
 def save_shard(path: str, arrays: Mapping[str, np.ndarray], compresslevel: int = 6) -> None:
     """Write `arrays` as a compressed .npz that `numpy.load` reads; byte-identical for identical arrays."""
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as z:
-        for name in sorted(arrays):
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            z.writestr(info, buf.getvalue(), compresslevel=compresslevel)
-    os.replace(tmp, path)
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as z:
+            for name in sorted(arrays):
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+                info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                z.writestr(info, buf.getvalue(), compresslevel=compresslevel)
+
+    atomic_write(os.path.abspath(path), write)
 
 
 def load_shard(path: str) -> dict:
@@ -755,7 +734,7 @@ def load_shard(path: str) -> dict:
 
 
 def iter_shard_samples(path: str, split: str | None = None, tasks: Container[str] | None = None) -> Iterator[Sample]:
-    """The samples of one shard, images replicated to 3 channels as `build_samples` yields them."""
+    """The samples of one shard, images replicated to 3 channels as `DatasetBuild.samples` yields them."""
     a = load_shard(path)
     size = a["images"].shape[-1]
     repeat = RepeatChannelsd("image")

@@ -1,8 +1,9 @@
-"""MONAI Label infer task for One-Prompt (paper 003): prompt one slice once, then segment other slices and images.
+"""MONAI Label infer task for One-Prompt (Wu et al., CVPR 2024): prompt one slice once, then segment other slices
+and images.
 
 Modes (request parameter `mode`):
 - `register`: template registration. The user prompts ONE slice of a volume (or a 2D image) with any prompt kind
-  (click, bbox, doodle, seglab: see oneprompt_prompts.py) and names the structure in `label` (`label_name` when
+  (click, bbox, doodle, seglab: see lib/oneprompt/prompts.py) and names the structure in `label` (`label_name` when
   `label` carries an uploaded label file). The slice's 256 x 256 encoder input, its encoder features (fp16), the
   prompt, the source image, axis, slice, prompt kind and modality are stored as a template of that label
   (<models>/oneprompt/templates/<label>/<n>); a label may have several (ensembling). The answer is the template's
@@ -27,11 +28,12 @@ Modes (request parameter `mode`):
 The mode defaults to `segment` when `template`/`templates` is given, to `interactive` when the request holds a
 prompt, and to `segment` with the label's templates when only a `label` that has templates is given.
 
-Other parameters: `slice`, `axis` (0, 1 or 2; on volumes), `modality`, `ct_window` (as the other models), `label_value`
-(the output value, default 1), `threshold`, `volume_gate`, `gate_margin`, `result_extension`, `result_dtype`.
+Other parameters: `slice`, `axis` (0, 1 or 2; on volumes), `modality`, `ct_window` (as the other models),
+`label_value` (the output value, default 1; above 255 it needs `result_dtype` uint16), `threshold`, `volume_gate`,
+`gate_margin`, `result_extension`, `result_dtype`.
 
-Images are preprocessed as the decoder's training data were (oneprompt_frame.py). The encoder features of each
-(image, intensity, axis, slice) are cached in an LRU: the template's slice is encoded once for registration and
+Images are preprocessed as the decoder's training data were (lib/oneprompt/preprocessing.py). The encoder features of
+each (image, intensity, axis, slice) are cached in an LRU: the template's slice is encoded once for registration and
 previews, and a second segmentation of a volume costs only the decoder.
 """
 
@@ -47,13 +49,15 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.core.errors import RequestError, bad_request, not_found
 from lib.oneprompt.model import masked_prototype
-from lib.core.images import LoadedImage, fingerprint, load_image, write_label
+from lib.core.images import ImageCache, LoadedImage, write_label
+from lib.core.transforms.geometry import paste_slice
 from lib.core.cache import LazyModel, LRUCache
-from lib.oneprompt.frame import SliceFrame, model_input, nonzero_box, place_on_volume, slice_shape, slice_window
-from lib.oneprompt.prompts import parse_template_prompt, prompt_kind, uploaded_label
+from lib.core.requests import as_list, flag, integer, label_value, number, optional_index
+from lib.oneprompt.frame import SliceFrame, slice_shape, slice_window
+from lib.oneprompt.preprocessing import model_input, nonzero_box, slicing_axes
+from lib.oneprompt.prompts import parse_template_prompt, prompt_kind, resolve_label_tags, uploaded_label
 from lib.oneprompt.templates import TemplateStore
-from lib.core.prompts import _as_list, _int_param, flag_value
-from lib.sam.interactive import pick_device
+from lib.core.device import pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +85,7 @@ class OnePromptInfer(InferTask):
         self.device = pick_device(device)
         self.features = LRUCache(feature_cache_size)  # ~7.3 MiB per slice in fp16
         self.boxes = LRUCache(8)
-        self._images = LRUCache(4)
-        self.image_loader = image_loader or self._load_image
+        self.image_loader = image_loader or ImageCache(4).get
         self.progress_every = progress_every
         self.lazy_model = LazyModel(model_factory, self.device, "One-Prompt model")
 
@@ -100,10 +103,9 @@ class OnePromptInfer(InferTask):
     def model(self) -> torch.nn.Module:
         return self.lazy_model.get()
 
-    def _load_image(self, path: str) -> tuple[LoadedImage, bool]:
-        key = fingerprint(path)
-        self._images.discard_where(lambda k: k[0] == key[0] and k != key)
-        return self._images.get_or_compute(key, lambda: load_image(key[0]))
+    def resolve_datastore_references(self, request: dict, datastore) -> None:
+        """Label tags ("final", ...) of the request's image in SegLab/doodle prompts become their files' paths."""
+        resolve_label_tags(request, datastore)
 
     # -- request ---------------------------------------------------------------------------------------------
     def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
@@ -157,12 +159,10 @@ class OnePromptInfer(InferTask):
         the last one on isotropic volumes)."""
         if image.is_2d:
             return None
-        axis = _int_param(req, "axis")
+        axis = optional_index(req, "axis")
         if axis is None:
             axis = default
         if axis is None:
-            from lib.oneprompt.dataset import slicing_axes
-
             spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
             if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
                 raise bad_request("the volume has no usable voxel spacing to choose a slicing axis: give 'axis'")
@@ -233,10 +233,9 @@ class OnePromptInfer(InferTask):
     def _self_prediction(self, req: dict, context: dict, axis, index, frame, prompt, encoded):
         unit, feats = encoded
         probs = self.probabilities(feats, feats, self.model_prompt(prompt, unit))[0]
-        mask = (frame.to_slice(probs) > _float(req, "threshold")).numpy()
-        value = _label_value(req)
-        volume = np.zeros(context["image"].spatial_shape, dtype=np.uint8)
-        place_on_volume(mask.astype(np.uint8) * value, context["image"], axis, index, volume)
+        mask = (frame.to_slice(probs) > number(req, "threshold")).numpy()
+        value = label_value(req)
+        volume = paste_slice(mask.astype(_label_dtype(value)) * value, context["image"].spatial_shape, axis, index)
         return volume, {"axis": axis, "slice": index, "prompt": prompt["kind"], "mask_voxels": int(mask.sum()),
                         "mean_probability": round(float(probs[probs > 0.5].mean()), 4) if (probs > 0.5).any() else 0}
 
@@ -251,18 +250,18 @@ class OnePromptInfer(InferTask):
         template_id = self.store.add(label, encoded[0], encoded[1], prompt, meta)
         volume, info = self._self_prediction(req, context, axis, index, frame, prompt, encoded)
         count = len(self.store.metas(label))
-        return volume, {"label_names": {label: _label_value(req)}, "template": template_id,
+        return volume, {"label_names": {label: label_value(req)}, "template": template_id,
                         "templates_of_label": count, **info}
 
     def run_interactive(self, req: dict, context: dict):
         axis, index, frame, prompt, encoded = self._prompted_slice(req, context)
         volume, info = self._self_prediction(req, context, axis, index, frame, prompt, encoded)
-        return volume, {"label_names": {self.label_name(req, required=False) or "object": _label_value(req)}, **info}
+        return volume, {"label_names": {self.label_name(req, required=False) or "object": label_value(req)}, **info}
 
     def run_segment(self, req: dict, context: dict):
         names = req.get("templates") or req.get("template") or self.label_name(req, required=False)
         if isinstance(names, str) and names.strip().startswith("["):
-            names = _as_list(names, "templates")
+            names = as_list(names, "templates")
         if not names:
             raise bad_request("segment needs a 'template' (a label with templates, or a template id)")
         templates = [self.store.load(i) for i in self.store.resolve(names)]
@@ -271,13 +270,11 @@ class OnePromptInfer(InferTask):
         frame = self.frame(image, axis)
         indices = self.slice_range(req, image, axis)
         prompts = [self.model_prompt(t.prompt, t.image) for t in templates]
-        threshold, value = _float(req, "threshold"), _label_value(req)
-        gate = axis is not None and _bool(req, "volume_gate")
-        margin = _float(req, "gate_margin")
-        if not margin >= 0:
-            raise bad_request(f"'gate_margin' must be a cosine margin >= 0 (default 0.1), got {margin}")
+        threshold, value = number(req, "threshold"), label_value(req)
+        gate = axis is not None and flag(req, "volume_gate", True)
+        margin = number(req, "gate_margin", low=0.0)  # a cosine margin
         prototypes = self.template_prototypes(templates, prompts, threshold) if gate else None
-        volume = np.zeros(image.spatial_shape, dtype=np.uint8)
+        volume = np.zeros(image.spatial_shape, dtype=_label_dtype(value))
         masks, similarity, skipped = {}, {}, 0
         start = time.perf_counter()
         step = max(1, min(self.progress_every, len(indices) // 10 or 1))
@@ -300,7 +297,7 @@ class OnePromptInfer(InferTask):
                             f"{time.perf_counter() - start:.0f}s")
         kept = consistent_run(indices, similarity, margin) if gate else sorted(masks)
         for index in kept:
-            place_on_volume(masks[index].astype(np.uint8) * value, image, axis, index, volume)
+            paste_slice(masks[index].astype(volume.dtype) * value, image.spatial_shape, axis, index, volume)
         label = templates[0].label
         gate_info = None
         if gate:
@@ -332,7 +329,7 @@ class OnePromptInfer(InferTask):
                 raise bad_request("'slices' is for volumes; this is a 2D image")
             return [None]
         size = image.spatial_shape[axis]
-        bounds = _as_list(req.get("slices"), "slices")
+        bounds = as_list(req.get("slices"), "slices")
         if not bounds:
             return list(range(size))
         if len(bounds) != 2 or not all(isinstance(v, int) for v in bounds):
@@ -351,7 +348,7 @@ class OnePromptInfer(InferTask):
         frame = self.frame(image, axis)
         index = None
         if axis is not None:
-            index = _int_param(req, "slice")
+            index = optional_index(req, "slice")
             index = image.spatial_shape[axis] // 2 if index is None else index
             if not 0 <= index < image.spatial_shape[axis]:
                 raise bad_request(f"'slice' {index} is outside 0..{image.spatial_shape[axis] - 1} along axis {axis}")
@@ -360,9 +357,7 @@ class OnePromptInfer(InferTask):
             raise bad_request(f"slice {index} is uniform inside the image: nothing to segment there")
         unit, feats = encoded
         t_unit, t_feats = (template.image, template.features) if template else (unit, feats)
-        grid = _int(req, "grid")
-        if not 1 <= grid <= 32:
-            raise bad_request(f"'grid' must be 1..32 points per side, got {grid}")
+        grid = integer(req, "grid", low=1, high=32)  # points per side
         points = grid_points(t_unit, grid)
         if not len(points):
             raise bad_request("the template slice has no foreground to place prompts on")
@@ -371,18 +366,18 @@ class OnePromptInfer(InferTask):
             chunk = torch.as_tensor(points[s:s + DECODE_BATCH])[:, None]
             probs.append(self.probabilities(feats, t_feats, self.click_prompts(chunk)))
         probs = torch.cat(probs)
-        kept = select_masks(probs, _float(req, "threshold"), _int(req, "min_pixels"), _float(req, "iou_threshold"))
+        threshold = number(req, "threshold")
+        kept = select_masks(probs, threshold, integer(req, "min_pixels"), number(req, "iou_threshold"))
         label = np.zeros(frame.slice_shape, dtype=np.uint8)
         objects = []
         # Paint the weakest first, so that where masks overlap the more confident one wins.
         for rank, (i, score) in reversed(list(enumerate(kept))):
-            mask = (frame.to_slice(probs[i]) > _float(req, "threshold")).numpy()
+            mask = (frame.to_slice(probs[i]) > threshold).numpy()
             label[mask] = rank + 1
         for rank, (i, score) in enumerate(kept):
             objects.append({"label": rank + 1, "click_xy": [round(float(v), 1) for v in points[i]],
                             "mean_probability": round(score, 4), "voxels": int((label == rank + 1).sum())})
-        volume = np.zeros(image.spatial_shape, dtype=np.uint8)
-        place_on_volume(label, image, axis, index, volume)
+        volume = paste_slice(label, image.spatial_shape, axis, index)
         return volume, {"label_names": {f"object_{o['label']}": o["label"] for o in objects}, "objects": objects,
                         "axis": axis, "slice": index, "prompts": len(points), "masks": len(objects),
                         "template": template.id if template else None}
@@ -464,36 +459,9 @@ def _to(prompt, device):
     return prompt
 
 
-def _float(req: dict, key: str) -> float:
-    try:
-        return float(req.get(key))
-    except (TypeError, ValueError) as e:
-        raise bad_request(f"'{key}' must be a number, got {req.get(key)!r}") from e
-
-
-def _bool(req: dict, key: str) -> bool:
-    try:
-        return flag_value(req.get(key))
-    except ValueError as e:
-        raise bad_request(f"'{key}' must be true or false, got {req.get(key)!r}") from e
-
-
-def _int(req: dict, key: str) -> int:
-    try:
-        return int(req.get(key))
-    except (TypeError, ValueError) as e:
-        raise bad_request(f"'{key}' must be an integer, got {req.get(key)!r}") from e
-
-
-def _label_value(req: dict) -> int:
-    value = req.get("label_value", 1)
-    try:
-        value = int(value)
-    except (TypeError, ValueError) as e:
-        raise bad_request(f"'label_value' must be an integer, got {value!r}") from e
-    if not 1 <= value <= 255:
-        raise bad_request(f"'label_value' must be 1..255, got {value}")
-    return value
+def _label_dtype(value: int):
+    """The narrowest label type that holds `value` (write_label refuses a result type it does not fit)."""
+    return np.uint8 if value <= np.iinfo(np.uint8).max else np.uint16
 
 
 def _image_id(path: str) -> str:

@@ -1,6 +1,6 @@
 """A request's prompt on one slice, as One-Prompt's prompt encoder takes it: one of four kinds, in model pixels.
 
-- click: `foreground` / `background` voxel points (Slicer and OHIF send these; see prompts.py);
+- click: `foreground` / `background` voxel points (Slicer and OHIF send these; read by lib/core/prompts.py);
 - bbox: a box `roi` = [i0, i1, j0, j1, k0, k1] (2D: [x0, x1, y0, y1]);
 - doodle: scribbles, as point lists `doodle_foreground` / `doodle_background` (voxel points, like clicks), or as a
   scribble label volume `doodle_label` (a file path, or a label tag of the image in the datastore) whose voxels
@@ -23,7 +23,8 @@ from lib.core.errors import bad_request
 from lib.core.transforms.geometry import extract_slice, voxel_to_slice
 from lib.core.images import LoadedImage, load_image
 from lib.oneprompt.frame import SliceFrame
-from lib.core.prompts import _int_param, _points, parse_prompt
+from lib.core.prompts import parse_prompt
+from lib.core.requests import integer, optional_index, points as request_points
 
 KIND_ALIASES = {"click": "click", "clicks": "click", "point": "click", "points": "click", "bbox": "bbox",
                 "box": "bbox", "roi": "bbox", "doodle": "doodle", "scribble": "doodle", "scribbles": "doodle",
@@ -73,16 +74,6 @@ def read_prompt_label(req: dict, key: str, image: LoadedImage) -> np.ndarray:
     return np.round(array)
 
 
-def _value(req: dict, key: str, default):
-    value = req.get(key, default)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError) as e:
-        raise bad_request(f"'{key}' must be an integer label value, got {value!r}") from e
-
-
 def _largest_slice(mask: np.ndarray, axis: int | None) -> int | None:
     if axis is None:
         return None
@@ -93,7 +84,7 @@ def _largest_slice(mask: np.ndarray, axis: int | None) -> int | None:
 def _index(req: dict, image: LoadedImage, axis: int | None, fallback) -> int | None:
     if axis is None:
         return None
-    index = _int_param(req, "slice")
+    index = optional_index(req, "slice")
     index = fallback() if index is None else index
     if not 0 <= index < image.spatial_shape[axis]:
         raise bad_request(f"'slice' {index} is outside 0..{image.spatial_shape[axis] - 1} along axis {axis}")
@@ -133,7 +124,7 @@ def parse_template_prompt(req: dict, image: LoadedImage, axis: int | None, frame
     if kind == "doodle":
         if req.get("doodle_label") or (uploaded_label(req) and not req.get("doodle_foreground")):
             volume = read_prompt_label(req, "doodle_label", image)
-            fg_value, bg_value = _value(req, "doodle_fg_value", 1), _value(req, "doodle_bg_value", 2)
+            fg_value, bg_value = integer(req, "doodle_fg_value", 1), integer(req, "doodle_bg_value", 2)
             index = _index(req, image, axis, lambda: _largest_slice(volume == fg_value, axis))
             from lib.oneprompt.model.prompt_encoder import scribble_points  # imported on use: app start stays cheap
 
@@ -141,7 +132,7 @@ def parse_template_prompt(req: dict, image: LoadedImage, axis: int | None, frame
             fg, bg = (frame.mask_to_model(section == v) for v in (fg_value, bg_value))
             fg_points, bg_points = scribble_points(fg, MAX_DOODLE_POINTS), scribble_points(bg, MAX_DOODLE_POINTS)
         else:
-            fg3, bg3 = _points(req, "doodle_foreground", ndim), _points(req, "doodle_background", ndim)
+            fg3, bg3 = request_points(req, "doodle_foreground", ndim), request_points(req, "doodle_background", ndim)
             for name, pts in (("doodle_foreground", fg3), ("doodle_background", bg3)):
                 outside = [p for p in pts if any(not 0 <= v <= s - 1 for v, s in zip(p, image.spatial_shape))]
                 if outside:
@@ -161,7 +152,7 @@ def parse_template_prompt(req: dict, image: LoadedImage, axis: int | None, frame
 
     if kind == "seglab":
         volume = read_prompt_label(req, "seglab_label", image)
-        value = _value(req, "seglab_value", None)
+        value = None if req.get("seglab_value") in (None, "") else integer(req, "seglab_value")  # None: non-zero
         mask = volume != 0 if value is None else volume == value
         if not mask.any():
             raise bad_request(f"the SegLab label has no voxel{'' if value is None else f' of value {value}'}")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lib.core.errors import bad_request, not_found
-from lib.core.stores import _safe, atomic_write
+from lib.core.stores import atomic_write, safe_name
 
 TEMPLATE_ID = re.compile(r"^(?P<label>.+)/(?P<n>\d+)$")
 
@@ -45,7 +45,7 @@ class TemplateStore:
 
     def _dir(self, label: str) -> str:
         try:
-            return os.path.join(self.root, _safe(label))
+            return os.path.join(self.root, safe_name(label))
         except ValueError as e:
             raise bad_request(f"label {label!r} cannot name a template: {e}") from e
 

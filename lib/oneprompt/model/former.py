@@ -1,4 +1,4 @@
-"""One-Prompt Former block (paper 003 section 2.2, Fig. 2b): one decoder step at one feature level.
+"""One-Prompt Former block (Wu et al., CVPR 2024, section 2.2, Fig. 2b): one decoder step at one feature level.
 
 Inputs, all (B, N, C) token sequences on this level's h x w grid (row-major) unless said otherwise:
   e_s (B, N_prev, C)  the previous block's output (for the first block: the coarsest query tokens), on the

@@ -1,4 +1,4 @@
-"""The One-Prompt model (paper 003, Fig. 2a): a frozen image encoder shared by query and template, the prompt
+"""The One-Prompt model (Wu et al., CVPR 2024, Fig. 2a): a frozen image encoder shared by query and template, the prompt
 encoder, and a decoder of One-Prompt Former blocks from coarse to fine with multi-scale skip connections.
 
 Encoder features (LiteMedSAM's TinyViT, 256 x 256 input in [0, 1]; `encode` returns them, NCHW):
@@ -21,14 +21,6 @@ a projection of the query's "neck", then to 128 x 128 plus a projection of the q
 
 Trainable: the prompt encoder and the decoder (projections, Former blocks, head). The image encoder is frozen
 and kept in eval mode (its BatchNorms must not see training batches); so is an attached SegLab autoencoder.
-
-Sizes and costs of the default configuration (measured on one CPU thread of the 2-core dev machine, float32):
-parameters 9.15 M = encoder 5.73 M (frozen) + decoder 3.35 M (of which the three Prompt-Parsers' w: 2.21 M)
-+ prompt encoder 0.08 M (+ 0.63 M in a SegLab autoencoder, frozen, held outside the module tree). Our two
-additions (`prompt_map`, `head_priors`; on in the shipped weights) add 1,280 parameters.
-Decoding one query (B = 1, features given): 0.11 s, peak live tensors 10 MB (largest: the head's 128 x 128
-map, 2 MiB). Encoding one 256 x 256 image: 1.3 s, peak 153 MB. One prediction from images: 1.4 s with the
-template's features cached, 2.7 s encoding both. One training step (B = 1, cached features): peak 79 MB.
 """
 
 from __future__ import annotations
@@ -248,11 +240,6 @@ class OnePromptModel(nn.Module):
                                         align_corners=False)], 1)
         dtype = self.prior_proj.weight.dtype
         return maps.to(dtype)
-
-    def predict(self, query_images: Tensor, template_images: Tensor,
-                prompt: Union[Prompt, Tuple[Tensor, Tensor]]) -> Tensor:
-        """Encode both and decode: (B, 1, S, S) mask logits."""
-        return self(self.encode(query_images), self.encode(template_images), prompt)
 
 
 def build_oneprompt(checkpoint: Optional[str] = None, seglab: Optional[SegLabAutoencoder] = None,

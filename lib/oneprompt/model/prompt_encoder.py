@@ -1,4 +1,4 @@
-"""One-Prompt's prompt encoder (paper 003 section 2.1, supplement section 3): every prompt on the template
+"""One-Prompt's prompt encoder (Wu et al., CVPR 2024, section 2.1, supplement section 3): every prompt on the template
 becomes two embeddings p1, p2 of the decoder's width C, one token each, (B, 1, C).
 
 - Click: p1 = mean of the positional encodings of the positive clicks + the positive-click embedding;

@@ -1,4 +1,4 @@
-"""One-Prompt's Prompt-Parser (paper 003, section 2.2, equations (1)-(3), Fig. 2c).
+"""One-Prompt's Prompt-Parser (Wu et al., CVPR 2024, section 2.2, equations (1)-(3), Fig. 2c).
 
 Inputs on one level's token grid of N = h * w tokens of width L: the template tokens e_t and query tokens e_q
 (B, N, L), and the two prompt embeddings p1, p2 (B, 1, L), one token each.
@@ -29,9 +29,8 @@ maps any full w onto them, `full_weight` gives back one). The convolution is lin
 e_q, so Conv(M) is a k x k convolution of the query map e_q (L channels) with input-dependent weights
 U[c, d] = sum_i W[c, i, d] (w [e_t; p1; p2])_i / sqrt(L) (2 k^2 vectors of width L), exactly (zero padding of
 M is zero padding of e_q). Cost: O(k^2 N (N + L)) for the weights, O(k^2 N L) for the convolution.
-Memory per call, measured (B = 1, inference, float32, default 32 x 32 grid, L = 128; live tensor storages
-tracked op by op, tests/test_oneprompt_model.py): peak 1.6 MB, largest tensor one N x L map (512 KiB). M alone
-would be 4 MiB, and the public code's per-token L x L outer products 64 MiB at this grid (1 GiB at theirs).
+The largest tensor of a call is therefore one N x L map, not M's N x N nor the outer products' N x L x L
+(tests/test_oneprompt_model.py tracks the live tensors op by op).
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ Gumbel-softmax (temperature annealed from tau_start to tau_end, DALL-E's 1 -> 1/
 
 Defaults are smaller than the paper's (K = 8192 codes on a 14 x 14 grid): K = 512 codes of width 64 on a
 16 x 16 grid (16 x 16-pixel cells), 128-wide convolutions on the grid, 0.63 M parameters, so that
-`train_seglab` fits a few hundred masks on one CPU thread in under a minute (300 steps of 8: ~40 s, held-out
-Dice of the hard-token reconstruction 0.93 on disks and rectangles). All are constructor arguments.
+`train_seglab` fits a few hundred masks on one CPU thread in under a minute. All are constructor arguments.
 `embed(image, mask)` gives the chosen codebook vectors, (B, g * g, D), which the prompt encoder pools into p1 = p2.
 """
 
@@ -57,8 +56,7 @@ class SegLabAutoencoder(nn.Module):
         )
         # Logits start 10x the default initialisation's: each cell's code then depends on its content more than
         # on the Gumbel noise from the first step (with near-uniform logits the sampled codes are noise, the
-        # decoder learns to ignore them and only a handful of codes survive; measured: 120 steps gave eval Dice
-        # 0.84 at 1x, 0.88-0.91 at 10x on held-out disks and rectangles).
+        # decoder learns to ignore them and only a handful of codes survive).
         with torch.no_grad():
             self.tokenizer[-1].weight.mul_(10.0)
             self.tokenizer[-1].bias.mul_(10.0)
