@@ -20,6 +20,6 @@ for round in $(seq "$rounds"); do
     dir=$PWD; [ "$side" = other ] && dir=$other
     echo "== round $round: $side ($(git -C "$dir" rev-parse --short HEAD))"
     (cd "$dir" && .venv/bin/python benchmarks/bench_server.py --clicks 30 --json "$out/server_${side}_$round.json")
-    (cd "$dir" && .venv/bin/python benchmarks/bench_models.py --no-reference --json "$out/models_${side}_$round.json")
+    (cd "$dir" && .venv/bin/python benchmarks/bench_models.py --json "$out/models_${side}_$round.json")
   done
 done
