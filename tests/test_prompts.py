@@ -45,8 +45,25 @@ def test_2d_points_take_x_y():
     ({"foreground": [[1, 1, 1]], "axis": 5}, "'axis' must be"),
     ({"foreground": [[1, 1, 1]], "slice": 999}, "outside 0..180"),
     ({"foreground": "[[1, 1", "background": []}, "not valid JSON"),
+    ({"roi": [1, float("nan"), 1, 5, 3, 4]}, "'roi' must be"),
+    ({"roi": "[1, NaN, 1, 5, 3, 4]"}, "'roi' must be"),
+    ({"foreground": [[1, float("inf"), 1]]}, "voxel coordinates"),
 ])
 def test_bad_prompts_are_400_with_a_reason(request_, message):
     with pytest.raises(RequestError) as e:
         parse_prompt(request_, SHAPE)
     assert e.value.status_code == 400 and message in e.value.detail
+
+
+@pytest.mark.parametrize("extension", ["../../x.sh", ".sh", "nii.gz/.."])
+def test_a_result_extension_outside_the_allow_list_is_400_and_writes_nothing(extension, tmp_path, monkeypatch):
+    import tempfile
+
+    from lib.core.images import LoadedImage, write_label
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    image = LoadedImage(path="x", fingerprint=("x",), array=__import__("torch").zeros((1, 4, 4)), affine=np.eye(4), meta={})
+    with pytest.raises(RequestError) as e:
+        write_label(np.zeros((4, 4), np.uint8), image, extension)
+    assert e.value.status_code == 400 and "result_extension" in e.value.detail
+    assert not list(tmp_path.iterdir())

@@ -27,6 +27,7 @@ from lib.core.transforms.intensity import IntensityRange, apply_intensity_range,
 nib.openers.Opener.default_compresslevel = 1
 
 IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd") + IMAGE_2D_EXTENSIONS
 
 
 @dataclass
@@ -134,9 +135,11 @@ def default_extension(image: LoadedImage) -> str:
 
 def write_label(label: np.ndarray, image: LoadedImage, extension: str | None = None, dtype: str | None = None) -> str:
     """Write `label` (the image's spatial shape, voxel order) next to nothing: a temp file the caller owns."""
-    extension = (extension or default_extension(image)).lower()
+    extension = str(extension or default_extension(image)).lower()
     if not extension.startswith("."):
         extension = "." + extension
+    if extension not in RESULT_EXTENSIONS:  # checked before any file is made: the suffix becomes part of its path
+        raise bad_request(f"unsupported result_extension {extension!r}; use {', '.join(RESULT_EXTENSIONS)}")
     try:
         target = np.dtype(dtype or "uint8")
     except TypeError as e:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lib.core.errors import bad_request
-from lib.core.requests import as_list, optional_index, points
+from lib.core.requests import as_list, is_finite_number, optional_index, points
 from lib.core.transforms.geometry import in_plane_axes, voxel_to_slice
 
 DEFAULT_AXIS = 2
@@ -36,7 +36,7 @@ def parse_prompt(request: dict, spatial_shape: tuple[int, ...]) -> SlicePrompt:
     ndim = 2 if is_2d else 3
     fg, bg = points(request, "foreground", ndim), points(request, "background", ndim)
     roi = as_list(request.get("roi"), "roi")
-    if roi and (len(roi) not in (4, 6) or not all(isinstance(v, (int, float)) for v in roi)):
+    if roi and (len(roi) not in (4, 6) or not all(is_finite_number(v) for v in roi)):
         raise bad_request(f"'roi' must be [i0, i1, j0, j1, k0, k1] (or [x0, x1, y0, y1] on 2D images), got {roi!r}")
     if roi and len(roi) == 4 and not is_2d:
         raise bad_request("'roi' on a 3D volume needs 6 values [i0, i1, j0, j1, k0, k1]")

@@ -77,6 +77,11 @@ def label_value(request: dict, default: int = 1) -> int:
     return integer(request, "label_value", default, *LABEL_VALUE_RANGE)
 
 
+def is_finite_number(value) -> bool:
+    """An int or float that is not a bool, NaN or infinite (JSON from some clients carries NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def as_list(value, name: str) -> list:
     """A list field, given as a list or as its JSON text; absent or empty is []."""
     if value is None or value == "":
@@ -96,7 +101,7 @@ def points(request: dict, name: str, ndim: int) -> np.ndarray:
     out = []
     for p in as_list(request.get(name), name):
         if (not isinstance(p, (list, tuple)) or len(p) < ndim
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+                or not all(is_finite_number(v) for v in p)):
             raise bad_request(f"'{name}' point {p!r} must be a list of {ndim} voxel coordinates")
         out.append([float(v) for v in p[:ndim]])
     return np.asarray(out, dtype=np.float64).reshape(-1, ndim)
