@@ -168,11 +168,8 @@ def write_label(label: np.ndarray, image: LoadedImage, extension: str | None = N
                   "space directions": lps[:ndim, :ndim].T if ndim == 3 else None,
                   "space origin": lps[:ndim, 3] if ndim == 3 else None, "kinds": ["domain"] * ndim}
         nrrd.write(path, label, {k: v for k, v in header.items() if v is not None}, compression_level=1)
-    elif extension in IMAGE_2D_EXTENSIONS:
+    else:  # a 2D image format (RESULT_EXTENSIONS)
         if label.ndim != 2:
             raise ValueError(f"{extension} labels must be 2D, got shape {label.shape}")
         Image.fromarray(np.ascontiguousarray(label.T)).save(path)  # (X, Y) -> rows = Y
-    else:
-        os.remove(path)
-        raise unreadable(f"unsupported result_extension {extension!r}; use .nii.gz, .nii, .nrrd or .png")
     return path
