@@ -15,8 +15,9 @@ from monailabel.utils.others.class_utils import get_class_names  # noqa: E402
 
 import lib.configs  # noqa: E402
 from lib.configs.backbones import ServedModels  # noqa: E402
-from lib.core.errors import bad_request, not_found  # noqa: E402
+from lib.core.errors import bad_request  # noqa: E402
 from lib.core.settings import load_settings, resolve_path  # noqa: E402
+from lib.server.datastore import GuardedLocalDatastore  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def discovered_configs() -> dict[str, type]:
 class PromptableSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         settings = load_settings(conf)
+        self.settings = settings
         model_dir = resolve_path(settings["models_dir"], app_dir)
         available = discovered_configs()
         chosen = [m.strip() for m in str(conf.get("models") or "all").split(",") if m.strip()]
@@ -52,6 +54,18 @@ class PromptableSAMApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Promptable medical SAM",
                          description="Click, box or prompt medical images with SAM-family foundation models",
                          version="0.1.0")
+        # The server runs each request as a job on its own workers (lib/server/jobs.py), where its progress and
+        # cancellation live; MONAI Label's extra hop to another thread would lose them.
+        self._infers_threadpool = None
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from monailabel.config import settings
+
+        return GuardedLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                     auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                     read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
     def init_infers(self):
         infers = {}
@@ -67,12 +81,8 @@ class PromptableSAMApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
-            store = datastore or self.datastore()
-            if not store.get_image_uri(image):
-                raise not_found(f"unknown image {image!r}: it is not in the datastore")
-            task = self._infers.get(request.get("model"))
-            resolve = getattr(task, "resolve_datastore_references", None)
-            if resolve:  # e.g. One-Prompt's SegLab/doodle prompts may name a label tag ("final") of the image
-                resolve(request, store)
+        task = self._infers.get(request.get("model"))
+        resolve = getattr(task, "resolve_datastore_references", None)
+        if resolve and isinstance(image, str):  # e.g. One-Prompt's SegLab/doodle prompts name a label tag
+            resolve(request, datastore or self.datastore(), bool(self.settings.get("allow_server_paths")))
         return super().infer(request, datastore)

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # The `monailabel` launcher runs whichever `python` is first on PATH; name the venv's instead.
 exec .venv/bin/python -m monailabel.main start_server --app apps --studies "${STUDIES:-sample-data}" \
-  --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" "$@"
+  --uvicorn_app apps.server:app --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" "$@"

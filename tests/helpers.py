@@ -40,7 +40,8 @@ def read_label(path: str) -> np.ndarray:
 
 
 class Server:
-    """`monailabel start_server` on 127.0.0.1 with our app over a copy of the sample data."""
+    """`monailabel start_server` on 127.0.0.1 with our app (and our ASGI app, apps/server.py) over a copy of the
+    sample data."""
 
     def __init__(self, studies: str, log_path: str, app: str = os.path.join(REPO, "apps"), conf: dict | None = None):
         self.studies = studies
@@ -57,7 +58,7 @@ class Server:
         # The `monailabel` launcher runs whichever `python` is first on PATH; name this interpreter instead.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "monailabel.main", "start_server", "--app", self.app, "--studies", self.studies,
-             "--host", "127.0.0.1", "--port", str(self.port),
+             "--host", "127.0.0.1", "--port", str(self.port), "--uvicorn_app", "apps.server:app",
              *[arg for key, value in self.conf.items() for arg in ("--conf", key, str(value))]],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.time() + timeout

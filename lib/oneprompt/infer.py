@@ -55,6 +55,7 @@ from lib.core.cache import LazyModel, LRUCache
 from lib.core.requests import as_list, flag, integer, label_value, number, optional_index
 from lib.oneprompt.frame import SliceFrame, slice_shape, slice_window
 from lib.oneprompt.preprocessing import model_input, nonzero_box, slicing_axes
+from lib.core.progress import current as current_progress
 from lib.oneprompt.prompts import parse_template_prompt, prompt_kind, resolve_label_tags, uploaded_label
 from lib.oneprompt.templates import TemplateStore
 from lib.core.device import pick_device
@@ -103,9 +104,9 @@ class OnePromptInfer(InferTask):
     def model(self) -> torch.nn.Module:
         return self.lazy_model.get()
 
-    def resolve_datastore_references(self, request: dict, datastore) -> None:
+    def resolve_datastore_references(self, request: dict, datastore, allow_server_paths: bool = False) -> None:
         """Label tags ("final", ...) of the request's image in SegLab/doodle prompts become their files' paths."""
-        resolve_label_tags(request, datastore)
+        resolve_label_tags(request, datastore, allow_server_paths)
 
     # -- request ---------------------------------------------------------------------------------------------
     def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
@@ -278,8 +279,12 @@ class OnePromptInfer(InferTask):
         masks, similarity, skipped = {}, {}, 0
         start = time.perf_counter()
         step = max(1, min(self.progress_every, len(indices) // 10 or 1))
+        progress = current_progress()
+        progress.begin(len(indices), "segmenting slices")
         for n, index in enumerate(indices):
+            progress.step()  # may raise Cancelled, or hand the device to a waiting click
             encoded = self.encoded(context, axis, index, frame)
+            progress.step()  # between the encoder and the decoder: a waiting click goes first
             if encoded is None:
                 skipped += 1
             else:
@@ -295,6 +300,7 @@ class OnePromptInfer(InferTask):
                 logger.info(f"One-Prompt segment {_image_id(image.path)} with {len(templates)} template(s): "
                             f"{n + 1}/{len(indices)} slices ({100 * (n + 1) // len(indices)}%), "
                             f"{time.perf_counter() - start:.0f}s")
+            progress.done = n + 1
         kept = consistent_run(indices, similarity, margin) if gate else sorted(masks)
         for index in kept:
             paste_slice(masks[index].astype(volume.dtype) * value, image.spatial_shape, axis, index, volume)
@@ -362,7 +368,10 @@ class OnePromptInfer(InferTask):
         if not len(points):
             raise bad_request("the template slice has no foreground to place prompts on")
         probs = []
+        progress = current_progress()
+        progress.begin(len(points), "decoding grid points")
         for s in range(0, len(points), DECODE_BATCH):
+            progress.advance(min(DECODE_BATCH, len(points) - s))
             chunk = torch.as_tensor(points[s:s + DECODE_BATCH])[:, None]
             probs.append(self.probabilities(feats, t_feats, self.click_prompts(chunk)))
         probs = torch.cat(probs)

@@ -171,17 +171,23 @@ def _spread(points: np.ndarray, max_points: int = MAX_DOODLE_POINTS) -> np.ndarr
     return points
 
 
-def resolve_label_tags(request: dict, datastore, keys=("seglab_label", "doodle_label")) -> None:
-    """Turn label tags ("final", "original", ...) of the request's image into the label files' paths, in place;
-    paths, and tags the image has no label for, are left as they are (the task then answers 400)."""
+def resolve_label_tags(request: dict, datastore, allow_server_paths: bool = False,
+                       keys=("seglab_label", "doodle_label")) -> None:
+    """Turn label tags ("final", "original", ...) of the request's image into the label files' paths, in place.
+    Anything else is refused (400), without saying whether such a file exists; an absolute path is kept only
+    when the server allows server paths."""
     image = request.get("image")
     for key in keys:
         value = request.get(key)
-        if not isinstance(value, str) or not value or os.path.isfile(value) or not isinstance(image, str):
+        if not isinstance(value, str) or not value:
+            continue
+        if allow_server_paths and os.path.isabs(value):
             continue
         try:
             uri = datastore.get_label_uri(image, value)
-        except Exception:  # an unknown image or tag: leave it for the task to answer clearly
+        except Exception:  # an unknown image or tag
             uri = None
-        if uri and os.path.isfile(uri):
-            request[key] = uri
+        if not uri or not os.path.isfile(uri):
+            raise bad_request(f"'{key}' must be a label tag of this image in the datastore (e.g. 'final'); "
+                              f"{value[:80]!r} is not one")
+        request[key] = uri

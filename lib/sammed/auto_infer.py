@@ -24,6 +24,7 @@ from lib.core import requests
 from lib.core.backbone import Backbone
 from lib.core.cache import EmbeddingKey
 from lib.core.errors import bad_request, not_found
+from lib.core.progress import current as current_progress
 from lib.core.predictor import PredictorSettings
 from lib.core.stores import LabelStore
 from lib.sammed.sapnet import load_sapnet
@@ -97,7 +98,12 @@ class SamAutoInfer(InferTask):
                 kept[k] = predictor.embed(slice_image, Window.whole(shape), key)[0].half()
             return kept[k].float()
 
+        watched = current_progress()
+        watched.begin(num_slices, "coarse pass and refinement over slices")
+
         def progress(done: int, total: int) -> None:
+            watched.total = total
+            watched.advance(done - watched.done)  # may raise Cancelled, or hand the device to a waiting click
             if done == total or done % 20 == 0:
                 logger.info(f"SAMauto {label!r} on {path}: {done}/{total} slices")
 
