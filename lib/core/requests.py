@@ -108,8 +108,9 @@ def points(request: dict, name: str, ndim: int) -> np.ndarray:
 
 
 def optional_index(request: dict, name: str) -> int | None:
-    """An optional integer index (`slice`, `axis`): None when absent; Slicer sends slice -1 for "not given"."""
+    """An optional integer index (`slice`, `axis`): None when absent; Slicer sends slice -1 for "not given",
+    any other negative index is a 400."""
     value = request.get(name)
-    if value is None or value == "" or (name == "slice" and isinstance(value, (int, float)) and value < 0):
+    if value is None or value == "" or (name == "slice" and not isinstance(value, bool) and value == -1):
         return None
-    return integer(request, name)
+    return integer(request, name, low=0)

@@ -23,13 +23,15 @@ def _answer(status: int, detail: str) -> JSONResponse:
 
 
 async def _monailabel_error(request: Request, e: MONAILabelException):
-    if isinstance(e, (ImageNotFoundException, LabelNotFoundException)):
-        return _answer(404, e.msg)
+    message = str(e.msg)
+    # MONAI Label says "unknown name" with INVALID_INPUT or APP_INIT_ERROR ("... There is no such strategy ...").
+    if isinstance(e, (ImageNotFoundException, LabelNotFoundException)) or any(
+            words in message.lower() for words in ("there is no", "not found", "not initialized")):
+        return _answer(404, message)
     if e.error == MONAILabelError.INVALID_INPUT:
-        status = 404 if "no model" in e.msg.lower() or "not found" in e.msg.lower() else 400
-        return _answer(status, e.msg)
+        return _answer(400, message)
     logger.error(f"{request.method} {request.url.path}: {e.error}: {e.msg}")
-    return _answer(500, f"{e.error.value}: {e.msg}")
+    return _answer(500, f"{e.error.value}: {message}")
 
 
 async def _not_json(request: Request, e: json.JSONDecodeError):
