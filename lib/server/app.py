@@ -1,19 +1,20 @@
-"""MONAI Label's FastAPI app, made fit for a shared server: inference off the event loop with jobs, and errors
-raised in MONAI Label's own handlers answered as the 4xx they are, with a reason."""
+"""MONAI Label's FastAPI app, made fit for a shared server: inference off the event loop with jobs, inputs checked
+before MONAI Label's handlers see them, and errors raised in those handlers answered as the 4xx they are."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from monailabel.interfaces.exception import (ImageNotFoundException, LabelNotFoundException, MONAILabelError,
-                                             MONAILabelException)
+from monailabel.endpoints import datastore, infer, logs, session
+from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelError, \
+    MONAILabelException
+from monailabel.interfaces.utils.app import app_instance
 
-from monailabel.endpoints import infer as infer_endpoints
-
-from lib.server import inference
+from lib.server import endpoints, inference
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ async def _monailabel_error(request: Request, e: MONAILabelException):
         return _answer(404, message)
     if e.error == MONAILabelError.INVALID_INPUT:
         return _answer(400, message)
-    logger.error(f"{request.method} {request.url.path}: {e.error}: {e.msg}")
+    logger.error(f"{request.method} {request.url.path}: {e.error}: {message}")
     return _answer(500, f"{e.error.value}: {message}")
 
 
@@ -42,18 +43,65 @@ async def _too_large(request: Request, e: OverflowError):
     return _answer(400, f"a number in this request is too large: {e}")
 
 
-def replace_route(app: FastAPI, original_router, path: str, method: str, router) -> None:
-    """Serve `path` with `router`'s endpoint instead of MONAI Label's (Slicer and OHIF keep calling it): routes
-    match in order, so ours goes first, and MONAI Label's leaves the OpenAPI schema."""
-    for route in original_router.routes:
-        if original_router.prefix + route.path == path and method in route.methods:
-            route.include_in_schema = False
+# (method, path pattern, which names the name must be one of): MONAI Label's handlers start a training
+# subprocess or look up a file before they find out that the name is unknown.
+NAMED = [
+    ("POST", re.compile(r"/train/(?P<name>[^/]+)/?"), "trainers"),
+    ("POST", re.compile(r"/batch/infer/(?P<name>[^/]+)/?"), "infers"),
+    (None, re.compile(r"/model/(?:info/)?(?P<name>[^/]+)/?"), "models"),
+    (None, re.compile(r"/scoring/(?P<name>[^/]+)/?"), "scoring"),
+]
+NO_WSI = re.compile(r"/infer/wsi(?:_v2)?/[^/]+/?")
+
+
+def _refusal(method: str, path: str) -> tuple[int, str] | None:
+    if NO_WSI.fullmatch(path):
+        return 404, "this server has no whole-slide (WSI) models"
+    for wanted, pattern, kind in NAMED:
+        match = pattern.fullmatch(path)
+        if match and (wanted is None or method == wanted):
+            instance = app_instance()
+            known = {"trainers": instance._trainers, "infers": instance._infers, "scoring": instance._scoring_methods,
+                     "models": {**instance._infers, **instance._trainers}}[kind]
+            name = match["name"]
+            if name not in known:
+                return 404, f"no {kind.rstrip('s')} {name[:80]!r}; this server has: {', '.join(sorted(known))}"
+            if kind == "models" and method in ("PUT", "DELETE") and not instance.model_file(name, validate=False):
+                return 404, f"{name!r} has no weights file to replace over HTTP; its weights are set in configs/app.yaml"
+    return None
+
+
+class RefuseUnknownNames:
+    """ASGI middleware: 404 for an unknown model, trainer or scoring method before MONAI Label's handler runs."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = _refusal(scope["method"], scope["path"])
+            if refusal:
+                await _answer(*refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def override(app: FastAPI, originals: list[APIRouter], router: APIRouter) -> None:
+    """Serve `router`'s routes instead of MONAI Label's for the same path and method (Slicer and OHIF keep
+    calling them): routes match in order, so ours go first, and MONAI Label's leave the OpenAPI schema."""
+    ours = {(r.path, m) for r in router.routes for m in r.methods}
+    for original in originals:
+        for route in original.routes:
+            if any((original.prefix + route.path, m) in ours for m in route.methods):
+                route.include_in_schema = False
     app.include_router(router)
     app.router.routes.insert(0, app.router.routes.pop())
 
 
 def serve(app: FastAPI) -> FastAPI:
-    replace_route(app, infer_endpoints.router, "/infer/{model}", "POST", inference.router)
+    override(app, [infer.router], inference.router)
+    override(app, [datastore.router, session.router, logs.router], endpoints.router)
+    app.add_middleware(RefuseUnknownNames)
     app.add_exception_handler(MONAILabelException, _monailabel_error)
     app.add_exception_handler(json.JSONDecodeError, _not_json)
     app.add_exception_handler(OverflowError, _too_large)
