@@ -68,10 +68,17 @@ plausible = {
 }
 
 
+# A request each model would answer: half the cases start from it, so they get past "no prompt".
+VALID = {"litemedsam": {"foreground": [[128, 90, 30]]}, "litemedsam_msa": {"foreground": [[128, 90, 30]]},
+         "litemedsam_auto": {"label": "never_trained"}, "oneprompt": {"mode": "interactive", "roi": [60, 120, 80, 140, 80, 80]},
+         "tpdrseg": {"label": "hard exudates"}}
+
+
 @st.composite
-def infer_params(draw):
-    keys = draw(st.lists(st.sampled_from(KEYS), max_size=6, unique=True))
-    return {k: draw(plausible[k] if k in plausible and draw(st.booleans()) else json_values) for k in keys}
+def infer_params(draw, model: str):
+    keys = draw(st.lists(st.sampled_from(KEYS), max_size=5, unique=True))
+    base = dict(VALID[model]) if draw(st.booleans()) else {}
+    return {**base, **{k: draw(plausible[k] if k in plausible and draw(st.booleans()) else json_values) for k in keys}}
 
 
 @pytest.mark.parametrize("model, image", [("litemedsam", "head_ct"), ("litemedsam_msa", "head_ct"),
@@ -80,9 +87,9 @@ def infer_params(draw):
 def test_random_params_never_get_a_server_error(server, model, image):
     seen = {}
 
-    @settings(max_examples=25, deadline=None, derandomize=True,
+    @settings(max_examples=15, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(params=infer_params())
+    @given(params=infer_params(model))
     def check(params):
         try:
             r = requests.post(f"{server.url}/infer/{model}", params={"image": image, "output": "json"},

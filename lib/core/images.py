@@ -27,7 +27,10 @@ from lib.core.transforms.intensity import IntensityRange, apply_intensity_range,
 nib.openers.Opener.default_compresslevel = 1
 
 IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd") + IMAGE_2D_EXTENSIONS
+# Lossless formats only: a JPEG label would not hold its values.
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".tif", ".tiff")
+RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
+RESULT_DTYPES_2D = ("uint8", "uint16")
 
 
 @dataclass
@@ -140,10 +143,11 @@ def write_label(label: np.ndarray, image: LoadedImage, extension: str | None = N
         extension = "." + extension
     if extension not in RESULT_EXTENSIONS:  # checked before any file is made: the suffix becomes part of its path
         raise bad_request(f"unsupported result_extension {extension!r}; use {', '.join(RESULT_EXTENSIONS)}")
-    try:
-        target = np.dtype(dtype or "uint8")
-    except TypeError as e:
-        raise bad_request(f"'result_dtype' {dtype!r} is not a numpy type") from e
+    dtype = str(dtype or "uint8").lower()
+    allowed = RESULT_DTYPES_2D if extension in IMAGE_2D_EXTENSIONS else RESULT_DTYPES
+    if dtype not in allowed:  # labels are integers; PNG holds 8 or 16 bits
+        raise bad_request(f"'result_dtype' {dtype!r} is not one of {', '.join(allowed)} for {extension} labels")
+    target = np.dtype(dtype)
     label = np.asarray(label)
     if (label.dtype.kind in "iu" and target.kind in "iu" and label.dtype.itemsize > target.itemsize
             and label.size and int(label.max()) > np.iinfo(target).max):
@@ -170,6 +174,7 @@ def write_label(label: np.ndarray, image: LoadedImage, extension: str | None = N
         nrrd.write(path, label, {k: v for k, v in header.items() if v is not None}, compression_level=1)
     else:  # a 2D image format (RESULT_EXTENSIONS)
         if label.ndim != 2:
-            raise ValueError(f"{extension} labels must be 2D, got shape {label.shape}")
+            raise bad_request(f"a {extension} label must be 2D; this image's is {list(label.shape)}: "
+                              f"use .nii.gz or .nrrd")
         Image.fromarray(np.ascontiguousarray(label.T)).save(path)  # (X, Y) -> rows = Y
     return path

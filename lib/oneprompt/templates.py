@@ -103,7 +103,7 @@ class TemplateStore:
 
     def resolve(self, names) -> list[str]:
         """Template ids for a label name or template id (or a list of them); 404 for anything unknown."""
-        names = [names] if isinstance(names, str) else list(names)
+        names = list(names) if isinstance(names, (list, tuple)) else [names]
         ids = []
         for name in names:
             if not isinstance(name, str) or not name:

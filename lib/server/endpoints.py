@@ -8,6 +8,7 @@ the event loop, and answered a CPU host's /logs/gpu with a 500. These routes par
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
 import zipfile
@@ -20,8 +21,10 @@ from monailabel.endpoints import datastore as datastore_endpoints
 from monailabel.endpoints import session as session_endpoints
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.utils.app import app_instance
 
 from lib.core.errors import RequestError, bad_request
+from lib.server.paths import check_session_id
 
 router = APIRouter()
 annotator = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)
@@ -80,6 +83,22 @@ def create_session(background_tasks: BackgroundTasks, uncompress: bool = False, 
             raise RequestError(422, f"uncompress=true, but {upload.filename!r} is not a zip or tar archive")
         upload.file.seek(0)
     return session_endpoints.create_session(background_tasks, uncompress, expiry, files)
+
+
+@router.get("/session/{session_id}", summary=f"{RBAC_USER}Get Session ID", tags=["Session"])
+def get_session(session_id: str, update_ts: bool = False, image: bool = False,
+                user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    check_session_id(session_id)  # MONAI Label joins it into a path
+    if image:
+        session = app_instance().sessions().get_session(session_id, update_ts=False)
+        if session and os.path.isdir(session.image):
+            raise RequestError(409, "this session holds a series of files, not one image file to download")
+    return session_endpoints.get_session(session_id, update_ts, image)
+
+
+@router.delete("/session/{session_id}", summary=f"{RBAC_USER}Delete Session", tags=["Session"])
+def remove_session(session_id: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    return session_endpoints.remove_session(check_session_id(session_id))
 
 
 def _is_tar(f) -> bool:
