@@ -18,6 +18,7 @@ from lib.configs.backbones import ServedModels  # noqa: E402
 from lib.core.errors import bad_request  # noqa: E402
 from lib.core.settings import load_settings, resolve_path  # noqa: E402
 from lib.server.datastore import GuardedLocalDatastore  # noqa: E402
+from lib.server.inference import server_stats  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class PromptableSAMApp(MONAILabelApp):
         if unknown:
             raise bad_request(f"--conf models: unknown {unknown}; available: {', '.join(available)}")
         served = ServedModels(model_dir, settings)  # one copy of each SAM-family model, shared by every config
+        self.served = served
         self.task_configs: dict[str, TaskConfig] = {}
         for name in chosen:
             config = available[name]()
@@ -66,6 +68,12 @@ class PromptableSAMApp(MONAILabelApp):
         return GuardedLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                      auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                      read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def info(self):
+        meta = super().info()
+        meta["caches"] = self.served.cache_stats()
+        meta["server"] = server_stats()
+        return meta
 
     def init_infers(self):
         infers = {}

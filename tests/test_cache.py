@@ -3,6 +3,8 @@
 import threading
 import time
 
+import torch
+
 from lib.core.cache import LRUCache
 
 
@@ -48,3 +50,18 @@ def test_discard_where():
     for k in ("x1", "x2", "y1"):
         cache.get_or_compute(k, lambda: 0)
     assert cache.discard_where(lambda k: k.startswith("x")) == 2 and len(cache) == 1
+
+
+def test_caches_are_bounded_in_bytes_as_well_as_entries():
+    cache = LRUCache(max_items=100, max_bytes=10 * 2**20)  # 10 MiB
+    for k in range(20):
+        cache.get_or_compute(k, lambda: torch.zeros(2**20 // 4 * 3))  # 3 MiB each (float32)
+    stats = cache.stats()
+    assert stats["items"] == 3 and stats["mib"] == 9.0 and stats["evictions"] == 17
+    assert 17 in cache and 19 in cache and 16 not in cache  # the least recent went first
+    cache.get_or_compute(19, lambda: None)
+    assert cache.stats()["hits"] == 1 and cache.stats()["hit_rate"] == round(1 / 21, 3)
+    huge, _ = cache.get_or_compute("huge", lambda: torch.zeros(2**20 * 4))  # 16 MiB: above the bound, still kept
+    assert len(cache) == 1 and "huge" in cache and cache.bytes == huge.nelement() * 4
+    cache.discard_where(lambda k: True)
+    assert cache.bytes == 0

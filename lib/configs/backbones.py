@@ -51,6 +51,10 @@ class ServedModels:
         self._interactive: dict[str, SamInteractiveInfer] = {}
         self._prompt_stores: dict[str, LabelStore] = {}
 
+    def cache_stats(self) -> dict:
+        """{model: {cache: its size, limits and hit rate}} of every served model."""
+        return {name: backbone.cache_stats() for name, backbone in self.backbones.items()}
+
     @property
     def names(self) -> list[str]:
         return list(self.backbones)

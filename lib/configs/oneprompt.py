@@ -22,6 +22,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.configs.backbones import ServedModels
 from lib.core.settings import REPO_ROOT, load_settings, resolve_path
 from lib.oneprompt.checkpoint import DEFAULT_WEIGHTS, load_oneprompt
+from lib.core.backbone import mebibytes
 from lib.oneprompt.infer import OnePromptInfer
 from lib.oneprompt.templates import TemplateStore
 
@@ -44,6 +45,7 @@ class OnePromptConfig(TaskConfig):
             self.build_model, self.store, device=self.settings["device"],
             image_loader=self.shared.image if self.shared else None,
             feature_cache_size=int(self.settings.get("oneprompt_feature_cache_size") or 32),
+            feature_cache_bytes=mebibytes(self.settings.get("oneprompt_feature_cache_mb")),
             default_modality=self.settings["modality"], default_ct_window=self.settings["ct_window"],
             description="One-Prompt: register a prompted slice as a template (mode register), then segment "
                         "volumes and images with it (segment), or prompt a slice (interactive, everything)")}

@@ -18,15 +18,21 @@ from lib.core.images import ImageCache, LoadedImage
 from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor
 
 
+def mebibytes(value) -> int | None:
+    """A size in MiB from the settings as bytes; None (no byte limit) when empty or 0."""
+    return int(float(value) * 2**20) if value not in (None, "", 0, "0") else None
+
+
 class Backbone:
     def __init__(self, model_factory: Callable[[torch.device], torch.nn.Module], name: str = "model",
-                 device: str | None = None, image_cache_size: int = 4, embedding_cache_size: int = 64):
+                 device: str | None = None, image_cache_size: int = 4, embedding_cache_size: int = 64,
+                 image_cache_bytes: int | None = None, embedding_cache_bytes: int | None = None):
         self.name = name
         self.model_factory = model_factory
         self.device = pick_device(device)
         self.lazy_model = LazyModel(model_factory, self.device, name)
-        self.images = ImageCache(image_cache_size)
-        self.embeddings = LRUCache(embedding_cache_size)
+        self.images = ImageCache(image_cache_size, image_cache_bytes)
+        self.embeddings = LRUCache(embedding_cache_size, embedding_cache_bytes)
         self.objects = ObjectMemory()
         self.images.on_change.append(self.forget_old_versions)
 
@@ -34,7 +40,12 @@ class Backbone:
     def from_settings(cls, model_factory, name: str, settings: dict) -> "Backbone":
         """A backbone configured by the app's settings (configs/app.yaml + --conf)."""
         return cls(model_factory, name, device=settings["device"], image_cache_size=settings["image_cache_size"],
-                   embedding_cache_size=settings["embedding_cache_size"])
+                   embedding_cache_size=settings["embedding_cache_size"],
+                   image_cache_bytes=mebibytes(settings.get("image_cache_mb")),
+                   embedding_cache_bytes=mebibytes(settings.get("embedding_cache_mb")))
+
+    def cache_stats(self) -> dict:
+        return {"images": self.images.images.stats(), "embeddings": self.embeddings.stats()}
 
     @property
     def model(self) -> torch.nn.Module:

@@ -14,6 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable
 
+import numpy as np
+import torch
 from lib.core.errors import RequestError
 
 logger = logging.getLogger(__name__)
@@ -44,18 +46,36 @@ class EmbeddingKey:
         return self.path == fingerprint[0] and self.image != fingerprint
 
 
-class LRUCache:
-    """Least-recently-used cache holding at most `max_items` values."""
+def nbytes(value) -> int:
+    """Memory held by a cached value: its tensors and arrays (in containers, or a LoadedImage's array)."""
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    array = getattr(value, "array", None)  # a LoadedImage
+    return nbytes(array) if array is not None else 0
 
-    def __init__(self, max_items: int):
+
+class LRUCache:
+    """Least-recently-used cache holding at most `max_items` values and, when `max_bytes` is set, at most that much
+    memory (a cache of 4 CT volumes can be 4 GB): the least recent values go first, the newest always stays."""
+
+    def __init__(self, max_items: int, max_bytes: int | None = None):
         if max_items < 1:
             raise ValueError(f"cache size must be at least 1, got {max_items}")
-        self.max_items = max_items
+        self.max_items, self.max_bytes = max_items, max_bytes
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._sizes: dict[Hashable, int] = {}
+        self._bytes = 0
         self._pending: dict[Hashable, threading.Event] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -64,6 +84,18 @@ class LRUCache:
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._items
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def stats(self) -> dict:
+        with self._lock:
+            lookups = self.hits + self.misses
+            return {"items": len(self._items), "max_items": self.max_items, "mib": round(self._bytes / 2**20, 1),
+                    "max_mib": None if self.max_bytes is None else round(self.max_bytes / 2**20, 1),
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                    "hit_rate": round(self.hits / lookups, 3) if lookups else None}
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> tuple[Any, bool]:
         """The cached value for `key` and True, or `compute()`'s value (now cached) and False."""
@@ -81,27 +113,38 @@ class LRUCache:
             pending.wait()  # another request is computing it; then look again (it may have failed)
         try:
             value = compute()
+            size = nbytes(value)
             with self._lock:
                 self._items[key] = value
+                self._sizes[key] = size
+                self._bytes += size
                 self._items.move_to_end(key)
-                while len(self._items) > self.max_items:
-                    self._items.popitem(last=False)
+                while len(self._items) > 1 and (len(self._items) > self.max_items or (
+                        self.max_bytes is not None and self._bytes > self.max_bytes)):
+                    self._drop(next(iter(self._items)))
+                    self.evictions += 1
             return value, False
         finally:
             with self._lock:
                 self._pending.pop(key).set()
+
+    def _drop(self, key: Hashable) -> None:
+        del self._items[key]
+        self._bytes -= self._sizes.pop(key)
 
     def discard_where(self, predicate: Callable[[Hashable], bool]) -> int:
         """Drop every entry whose key matches; returns how many were dropped."""
         with self._lock:
             stale = [k for k in self._items if predicate(k)]
             for k in stale:
-                del self._items[k]
+                self._drop(k)
             return len(stale)
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._sizes.clear()
+            self._bytes = 0
 
 
 class LazyModel:

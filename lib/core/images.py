@@ -116,8 +116,8 @@ class ImageCache:
     that changed on disk is loaded again, and `on_change` listeners (the embedding caches) are told its new
     fingerprint so that they drop what they computed from the old content."""
 
-    def __init__(self, max_items: int = 4):
-        self.images = LRUCache(max_items)
+    def __init__(self, max_items: int = 4, max_bytes: int | None = None):
+        self.images = LRUCache(max_items, max_bytes)
         self.on_change: list = []
 
     def get(self, path: str) -> tuple[LoadedImage, bool]:

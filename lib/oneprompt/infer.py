@@ -70,7 +70,7 @@ class OnePromptInfer(InferTask):
     def __init__(self, model_factory: Callable[[torch.device], torch.nn.Module], store: TemplateStore,
                  description: str = "One-Prompt: prompt one slice once, segment other slices and images",
                  device: str | None = None, image_loader: Callable[[str], tuple[LoadedImage, bool]] | None = None,
-                 feature_cache_size: int = 32, default_modality: str | None = None, default_ct_window=None,
+                 feature_cache_size: int = 32, feature_cache_bytes: int | None = None, default_modality: str | None = None, default_ct_window=None,
                  progress_every: int = 10):
         super().__init__(
             type=InferType.DEEPGROW,  # Slicer and OHIF show click and box tools for deepgrow-type models
@@ -84,7 +84,7 @@ class OnePromptInfer(InferTask):
         self.model_factory = model_factory
         self.store = store
         self.device = pick_device(device)
-        self.features = LRUCache(feature_cache_size)  # ~7.3 MiB per slice in fp16
+        self.features = LRUCache(feature_cache_size, feature_cache_bytes)  # ~7.3 MiB per slice in fp16
         self.boxes = LRUCache(8)
         self.image_loader = image_loader or ImageCache(4).get
         self.progress_every = progress_every
@@ -98,6 +98,7 @@ class OnePromptInfer(InferTask):
         info = super().info()
         info["modes"] = list(MODES)
         info["templates"] = self.store.info()
+        info["cache"] = {"features": self.features.stats()}
         return info
 
     @property

@@ -53,6 +53,12 @@ class _Runner:
 runner = _Runner()
 
 
+def server_stats() -> dict:
+    """Jobs and the device queue, for /info."""
+    runner_ = runner._runner
+    return {"jobs": runner_.stats() if runner_ is not None else None, "device": turns.stats()}
+
+
 def parse_params(params: str | None) -> dict:
     try:
         value = json.loads(params) if params else {}
