@@ -54,7 +54,7 @@ def run(clicks: int) -> dict:
     studies = copy_sample_data(os.path.join(tmp, "studies"))
     ours = Server(studies, os.path.join(tmp, "ours.log")).start()
     reference = Server(studies, os.path.join(tmp, "noop.log"),
-                       app=os.path.join(os.path.dirname(os.path.abspath(__file__)), "noop_app")).start()
+                       app=os.path.join(os.path.dirname(os.path.abspath(__file__)), "noop_app"), asgi=None).start()
     rows = {}
     try:
         for image in IMAGES:

@@ -43,8 +43,10 @@ class Server:
     """`monailabel start_server` on 127.0.0.1 with our app (and our ASGI app, apps/server.py) over a copy of the
     sample data."""
 
-    def __init__(self, studies: str, log_path: str, app: str = os.path.join(REPO, "apps"), conf: dict | None = None):
+    def __init__(self, studies: str, log_path: str, app: str = os.path.join(REPO, "apps"), conf: dict | None = None,
+                 asgi: str | None = "apps.server:app"):
         self.studies = studies
+        self.asgi = asgi  # None: MONAI Label's own ASGI app (the benchmarks' no-op reference)
         self.app = app
         self.conf = conf or {}
         self.port = free_port()
@@ -58,7 +60,8 @@ class Server:
         # The `monailabel` launcher runs whichever `python` is first on PATH; name this interpreter instead.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "monailabel.main", "start_server", "--app", self.app, "--studies", self.studies,
-             "--host", "127.0.0.1", "--port", str(self.port), "--uvicorn_app", "apps.server:app",
+             "--host", "127.0.0.1", "--port", str(self.port),
+             *(["--uvicorn_app", self.asgi] if self.asgi else []),
              *[arg for key, value in self.conf.items() for arg in ("--conf", key, str(value))]],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.time() + timeout

@@ -123,6 +123,31 @@ def test_a_stopped_run_keeps_what_was_learned(server):
     assert dice(mask, volume[:, :, 74].T) > 0.3
 
 
+def test_a_killed_training_process_leaves_serving_and_the_learned_state_intact(server):
+    import psutil
+
+    before = info(server)["models"][MODEL]["learned_prompts"]
+    start_training(server, {"label": "Thalamus_R", "label_value": 78, "slices": 2, "iterations": 5000})
+    deadline = time.time() + 300
+    while info(server)["train_stats"].get(MODEL, {}).get("status") != "training":
+        assert time.time() < deadline, server.tail()
+        time.sleep(1)
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    assert children, "training runs in a subprocess"
+    for child in children:
+        child.kill()  # SIGKILL: no cleanup runs in the trainer
+    deadline = time.time() + 120
+    while requests.get(f"{server.url}/train/", timeout=60).json().get("status") in ("SUBMITTED", "RUNNING"):
+        assert time.time() < deadline, server.tail()
+        time.sleep(1)
+    assert server.alive()
+    after = info(server)["models"][MODEL]["learned_prompts"]
+    assert "Thalamus_R" not in after and after["Putamen_L"] == before["Putamen_L"]
+    volume = putamen(server)
+    mask = click(server, 74, Target("t", volume[:, :, 74].T).interior_point, "Putamen_L")
+    assert dice(mask, volume[:, :, 74].T) > 0.3
+
+
 def test_samauto_segments_the_volume_with_no_prompts(server):
     """The same training also learned SAMauto's SAP-Net: the auto task returns the whole structure, no clicks,
     over a slab of 60 axial slices around it (more than twice its extent: slices without it must stay empty)."""
