@@ -1,8 +1,8 @@
 """Many annotators on one server: click latency, /info latency, throughput and errors with 1, 4 and 8 simulated
 users, once on an idle server and once while a whole-volume One-Prompt job runs.
 
-Each user works like a Slicer/OHIF annotator on its own image and its own slices: a first click on a slice (a new
-embedding), then refinement clicks on that object, then the next slice, with think time between clicks. A poller
+Each user works like a Slicer/OHIF annotator on its own slices: a first click on a slice (a new embedding), then
+refinement clicks on that object, then a slice of the next volume, with 1.5-3 s of think time between clicks. A poller
 asks /info every second, as the panels do. The long job segments every slice of Colin27 through POST /jobs/infer
 and is started again when it ends, so it runs for the whole measurement.
 
@@ -40,17 +40,16 @@ class User(threading.Thread):
     def __init__(self, url: str, number: int, stop: threading.Event, think_s=(1.5, 3.0), refinements=3):
         super().__init__(daemon=True)
         self.url, self.number, self.stop_event = url, number, stop
-        self.image, self.shape = VOLUMES[number % len(VOLUMES)]
         self.think_s, self.refinements = think_s, refinements
         self.rng = random.Random(number)
         self.latencies_ms: list[float] = []
         self.errors: list[str] = []
 
-    def click(self, point):
+    def click(self, image: str, point):
         params = {"foreground": [point], "background": [], "label": f"user{self.number}"}
         start = time.perf_counter()
         try:
-            r = requests.post(f"{self.url}/infer/litemedsam", params={"image": self.image, "output": "json"},
+            r = requests.post(f"{self.url}/infer/litemedsam", params={"image": image, "output": "json"},
                               data={"params": json.dumps(params)}, timeout=600)
             if r.status_code != 200:
                 self.errors.append(f"{r.status_code}: {r.text[:120]}")
@@ -61,16 +60,18 @@ class User(threading.Thread):
         self.latencies_ms.append((time.perf_counter() - start) * 1000)
 
     def run(self):
-        x, y, z = self.shape
-        band = max(1, z // 8)
-        k = (self.number // len(VOLUMES)) * band % z + z // 4  # users on one image work on different slices
+        # Every user moves through the three volumes, one slice at a time, so that 1, 4 and 8 users do the same
+        # kind of work (a first click on a slice of each volume, then refinements); users work on different slices.
+        visit = 0
         while not self.stop_event.is_set():
-            k = (k + 1) % z
+            image, (x, y, z) = VOLUMES[(self.number + visit) % len(VOLUMES)]
+            k = (z // 4 + 3 * self.number + 7 * (visit // len(VOLUMES))) % z
+            visit += 1
             centre = [x // 2 + self.rng.randint(-15, 15), y // 2 + self.rng.randint(-15, 15), k]
             for n in range(1 + self.refinements):
                 if self.stop_event.is_set():
                     return
-                self.click([centre[0] + self.rng.randint(-4, 4), centre[1] + self.rng.randint(-4, 4), k])
+                self.click(image, [centre[0] + self.rng.randint(-4, 4), centre[1] + self.rng.randint(-4, 4), k])
                 self.stop_event.wait(self.rng.uniform(*self.think_s))
 
 
@@ -145,7 +146,7 @@ def register_template(url: str) -> None:
 
 def warm_up(url: str, users: int) -> None:
     """Load each image and model once (a first request is not what a team sees all day)."""
-    for image, shape in VOLUMES[:max(1, min(users, len(VOLUMES)))]:
+    for image, shape in VOLUMES:
         requests.post(f"{url}/infer/litemedsam", params={"image": image, "output": "json"},
                       data={"params": json.dumps({"foreground": [[shape[0] // 2, shape[1] // 2, shape[2] // 2]]})},
                       timeout=600).raise_for_status()
