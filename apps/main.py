@@ -67,7 +67,8 @@ class PromptableSAMApp(MONAILabelApp):
 
         return GuardedLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                      auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                                     read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+                                     read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+                                     max_image_voxels=int(float(self.settings["max_image_mvoxels"]) * 1e6) or None)
 
     def info(self):
         meta = super().info()

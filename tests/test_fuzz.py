@@ -87,7 +87,7 @@ def infer_params(draw, model: str):
 def test_random_params_never_get_a_server_error(server, model, image):
     seen = {}
 
-    @settings(max_examples=15, deadline=None, derandomize=True,
+    @settings(max_examples=10, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(params=infer_params(model))
     def check(params):

@@ -14,16 +14,15 @@ from helpers import copy_sample_data, Server
 
 VOLUMES = (("head_ct", (256, 256, 60)), ("colin27_t1", (181, 217, 181)), ("mni152_t1", (197, 233, 189)))
 LIMITS_MB = {"image_cache_mb": 128, "embedding_cache_mb": 48, "oneprompt_feature_cache_mb": 48}
-# Measured here (2-core CPU, all five models loaded, image cache at 64 MiB): 1014 MiB after 50 requests, 1064 MiB
-# after 200. The bounds leave room for another allocator or torch version; without byte limits the default entry
+# Measured here (2-core CPU, all five models loaded): 992 MiB after 50 requests, 1129 MiB after 200. The bounds leave room for another allocator or torch version; without byte limits the default entry
 # counts alone allow 64 embeddings (256 MiB), 32 One-Prompt slices (234 MiB) and 4 volumes of any size.
 MAX_RSS_MB = 2048
 MAX_GROWTH_MB = 300
 
 
 def mixed_request(url: str, n: int) -> requests.Response:
-    """Request n of an annotator-like mix: every 5 requests a new slice of the next volume, clicked, refined,
-    boxed (AutoZoom encodes a window: another cache entry), then One-Prompt or TP-DRSeg."""
+    """Request n of an annotator-like mix: every 5 requests a new slice of the next volume, clicked, refined and
+    boxed, then One-Prompt (a new slice of Colin27) or TP-DRSeg."""
     group, step = divmod(n, 5)
     image, (x, y, z) = VOLUMES[group % 3]
     k = (group * 7) % z
@@ -31,10 +30,10 @@ def mixed_request(url: str, n: int) -> requests.Response:
         point = [x // 2 + 3 * step, y // 2 - step, k]
         return requests.post(f"{url}/infer/litemedsam", params={"image": image, "output": "json"},
                              data={"params": json.dumps({"foreground": [point]})}, timeout=600)
-    if step == 2:
-        roi = [x // 2 - 8, x // 2 + 8, y // 2 - 8, y // 2 + 8, k, k]
+    if step == 2:  # a box on the same slice, whole-slice embedding reused (AutoZoom would encode a window)
+        roi = [x // 2 - 30, x // 2 + 30, y // 2 - 30, y // 2 + 30, k, k]
         return requests.post(f"{url}/infer/litemedsam", params={"image": image, "output": "json"},
-                             data={"params": json.dumps({"roi": roi})}, timeout=600)
+                             data={"params": json.dumps({"roi": roi, "zoom": False})}, timeout=600)
     if group % 2 == 0:
         k = 50 + (group * 3) % 90  # inside the brain
         return requests.post(f"{url}/infer/oneprompt", params={"image": "colin27_t1", "output": "json"},

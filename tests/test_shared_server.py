@@ -182,6 +182,16 @@ def test_corrupt_or_wrong_image_uploads_are_refused_and_not_stored(server, name,
     assert not [f for f in os.listdir(server.studies) if f.startswith(("upload_probe", ".upload_"))]
 
 
+def test_an_oversized_image_is_refused_at_upload(server):
+    header = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)).header
+    header.set_data_shape((4096, 4096, 4096))  # 69 G voxels claimed; the data is not even there
+    payload = gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 64)
+    r = requests.put(f"{server.url}/datastore/image", params={"image": "huge_probe"},
+                     files={"file": ("huge.nii.gz", payload)}, timeout=60)
+    assert r.status_code == 413 and "at most" in r.json()["detail"], r.text
+    assert not [f for f in os.listdir(server.studies) if f.startswith("huge_probe")]
+
+
 def test_a_truncated_image_is_refused_at_first_use(server):
     full = nifti_bytes(np.random.default_rng(0).random((64, 64, 16)).astype(np.float32))
     r = requests.put(f"{server.url}/datastore/image", params={"image": "truncated_probe"},

@@ -72,6 +72,10 @@ def read_label_values(path: str, extension: str) -> np.ndarray | None:
 
 
 class GuardedLocalDatastore(LocalDatastore):
+    def __init__(self, *args, max_image_voxels: int | None = None, **kwargs):
+        self.max_image_voxels = max_image_voxels  # an upload larger than this is refused (413): it would not fit
+        super().__init__(*args, **kwargs)
+
     def _extension_of(self, filename: str) -> str:
         _, extension = self._to_id(os.path.basename(filename))
         allowed = [e.replace("*", "") for e in self._extensions]
@@ -99,7 +103,10 @@ class GuardedLocalDatastore(LocalDatastore):
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         extension = self._extension_of(image_filename)
         image_id = check_id(image_id or self._to_id(os.path.basename(image_filename))[0])
-        spatial_shape(image_filename, extension.lower())
+        shape = spatial_shape(image_filename, extension.lower())
+        if shape and self.max_image_voxels and int(np.prod(shape, dtype=np.int64)) > self.max_image_voxels:
+            raise RequestError(413, f"the image has {int(np.prod(shape, dtype=np.int64)):,} voxels {list(shape)}; "
+                                    f"this server takes at most {self.max_image_voxels:,} (max_image_mvoxels)")
         name = self._filename(image_id, extension)
         with FileLock(self._lock_file):
             self._copy_into(image_filename, self._datastore.image_path(), name)
