@@ -16,11 +16,17 @@ import threading
 
 import torch
 
+from lib.core.errors import RequestError
+
+
+class UnusableName(RequestError, ValueError):
+    """A label that leaves nothing for a file name (":", "..."): the client's to change, hence a 400."""
+
 
 def safe_name(label: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(label)).strip("._")
     if not name:
-        raise ValueError(f"label {label!r} gives no usable file name")
+        raise UnusableName(400, f"label {str(label)[:80]!r} gives no usable name: use letters or digits")
     return name
 
 
