@@ -15,9 +15,17 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from lib.core.errors import RequestError, bad_request, not_found
+from lib.core.images import IMAGE_2D_EXTENSIONS
 from lib.server.paths import check_id, inside
 
-IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def without_trailing_ones(shape) -> tuple:
+    """(X, Y, Z, 1) is (X, Y, Z): a label saved with a channel axis has its image's shape."""
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def spatial_shape(path: str, extension: str) -> tuple[int, ...] | None:
@@ -43,8 +51,7 @@ def spatial_shape(path: str, extension: str) -> tuple[int, ...] | None:
             return None
     except Exception as e:
         raise RequestError(422, f"the upload is not a readable {extension} file: {type(e).__name__}") from e
-    while len(shape) > 2 and shape[-1] == 1:  # (X, Y, Z, 1) is (X, Y, Z)
-        shape = shape[:-1]
+    shape = without_trailing_ones(shape)
     if not shape or min(shape) < 1:
         raise RequestError(422, f"the upload is an empty image (shape {list(shape)})")
     return tuple(int(s) for s in shape)
@@ -125,9 +132,7 @@ class GuardedLocalDatastore(LocalDatastore):
         values = read_label_values(label_filename, extension.lower())
         image_shape = spatial_shape(image_uri, self._to_id(os.path.basename(image_uri))[1].lower())
         if values is not None and image_shape is not None:
-            shape = values.shape
-            while len(shape) > 2 and shape[-1] == 1:
-                shape = shape[:-1]
+            shape = without_trailing_ones(values.shape)
             if tuple(shape) != image_shape:
                 raise bad_request(f"the label has shape {list(shape)}, its image {image_id!r} {list(image_shape)}")
             if values.dtype.kind == "f" and not np.isfinite(values).all():

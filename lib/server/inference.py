@@ -115,10 +115,21 @@ async def build_request(model: str, image: str, session_id: str, params: str | N
     return request
 
 
-def submit(request: dict, user: User | None) -> Job:
-    instance = app_instance()
-    description = {"model": request["model"], "image": os.path.basename(str(request.get("image", "")))}
-    return runner.submit(lambda: instance.infer(request), turns, description, owner=_owner(user))
+async def start(model: str, image: str, session_id: str, params: str | None, file: UploadFile | None,
+                label: UploadFile | None, user: User | None) -> Job:
+    """The request as a submitted job; the uploads it was given are removed when the job is forgotten."""
+    temp_files: list = []
+    try:
+        request = await build_request(model, image, session_id, params, file, label, temp_files)
+        description = {"model": request["model"], "image": os.path.basename(str(request.get("image", "")))}
+        instance = app_instance()
+        job = runner.submit(lambda: instance.infer(request), turns, description, owner=_owner(user))
+    except BaseException:
+        for path in temp_files:
+            _remove(path)
+        raise
+    job.files.extend(temp_files)
+    return job
 
 
 def _owner(user: User | None) -> str | None:
@@ -128,12 +139,6 @@ def _owner(user: User | None) -> str | None:
 def _raise_failure(job: Job):
     error = job.error or {"status_code": 500, "detail": "the job failed"}
     raise RequestError(error["status_code"], error["detail"])
-
-
-def _forget_later(background_tasks: BackgroundTasks, job: Job, temp_files: list) -> None:
-    background_tasks.add_task(runner.forget, job.id)
-    for path in temp_files:
-        background_tasks.add_task(_remove, path)
 
 
 def _remove(path: str) -> None:
@@ -155,15 +160,8 @@ async def infer(http_request: Request, background_tasks: BackgroundTasks, model:
                 session_id: str = "", params: str = Form("{}"), file: UploadFile = File(None),
                 label: UploadFile = File(None), output: Optional[ResultType] = None,
                 user: User = Depends(user_role)):
-    temp_files: list = []
-    try:
-        request = await build_request(model, image, session_id, params, file, label, temp_files)
-        job = submit(request, user)
-    except BaseException:
-        for path in temp_files:
-            _remove(path)
-        raise
-    _forget_later(background_tasks, job, temp_files)
+    job = await start(model, image, session_id, params, file, label, user)
+    background_tasks.add_task(runner.forget, job.id)  # after the answer: its files go with it
     waiting = asyncio.wrap_future(job.future)
     while not waiting.done():
         await asyncio.wait({waiting}, timeout=0.25)
@@ -179,15 +177,7 @@ async def infer(http_request: Request, background_tasks: BackgroundTasks, model:
 @router.post("/jobs/infer/{model}", status_code=202, summary=f"{RBAC_USER}Start inference as a job")
 async def start_job(model: str, image: str = "", session_id: str = "", params: str = Form("{}"),
                     file: UploadFile = File(None), label: UploadFile = File(None), user: User = Depends(user_role)):
-    temp_files: list = []
-    try:
-        request = await build_request(model, image, session_id, params, file, label, temp_files)
-        job = submit(request, user)
-    except BaseException:
-        for path in temp_files:
-            _remove(path)
-        raise
-    job.files.extend(temp_files)
+    job = await start(model, image, session_id, params, file, label, user)
     return JSONResponse(job.as_dict(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 

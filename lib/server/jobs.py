@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -41,10 +42,6 @@ class Job:
         self.finished: float | None = None
         self.future: concurrent.futures.Future | None = None
         self.files: list[str] = []  # removed when the job is forgotten
-
-    @property
-    def finished_ok(self) -> bool:
-        return self.status == DONE
 
     def as_dict(self) -> dict:
         progress = self.progress.as_dict()
@@ -131,7 +128,7 @@ class JobRunner:
                 job.result = work()
             for key in ("file", "label"):
                 path = job.result.get(key) if isinstance(job.result, dict) else None
-                if isinstance(path, str) and os.path.isfile(path) and path.startswith(_temp_dir()):
+                if isinstance(path, str) and os.path.isfile(path) and path.startswith(tempfile.gettempdir()):
                     job.files.append(path)
             self._finish(job, DONE)
         except Cancelled:
@@ -148,12 +145,6 @@ class JobRunner:
         job.status, job.error, job.finished = status, error, time.time()
         with self._lock:
             self.counts[status] += 1
-
-
-def _temp_dir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()
 
 
 def _remove(path: str) -> None:
