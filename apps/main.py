@@ -73,6 +73,7 @@ class PromptableSAMApp(MONAILabelApp):
     def info(self):
         meta = super().info()
         meta["caches"] = self.served.cache_stats()
+        meta["runtimes"] = self.served.runtimes()
         meta["server"] = server_stats()
         return meta
 

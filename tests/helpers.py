@@ -18,6 +18,9 @@ from lib.core.evaluation import dice  # noqa: F401  (re-exported for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_DATA = os.path.join(REPO, "sample-data")
+# Exported encoder graphs (lib.core.runtime), shared by every test server: each would otherwise export its own
+# (~10-15 s) into its fresh models_dir. Keyed by the weights' hash, so sharing cannot mix models up.
+RUNTIME_CACHE = os.path.join(REPO, "data", "runtime-cache")
 
 
 def free_port() -> int:
@@ -48,7 +51,7 @@ class Server:
         self.studies = studies
         self.asgi = asgi  # None: MONAI Label's own ASGI app (the benchmarks' no-op reference)
         self.app = app
-        self.conf = conf or {}
+        self.conf = {"runtime_cache_dir": RUNTIME_CACHE, **(conf or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

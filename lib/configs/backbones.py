@@ -40,6 +40,11 @@ DESCRIPTIONS = {
 }
 
 
+def runtime_cache_dir(model_dir: str, settings: dict) -> str:
+    """Where exported encoder graphs are kept: `runtime_cache_dir`, else <models_dir>/runtime."""
+    return settings.get("runtime_cache_dir") or os.path.join(model_dir, "runtime")
+
+
 class ServedModels:
     def __init__(self, model_dir: str, settings: dict):
         self.model_dir = model_dir
@@ -47,13 +52,19 @@ class ServedModels:
         factories = {LITEMEDSAM: build_litemedsam_model(settings)}
         if settings.get("sam_checkpoint"):
             factories[f"sam_{settings['sam_variant']}"] = build_meta_sam_model(settings, model_dir)
-        self.backbones = {name: Backbone.from_settings(factory, name, settings) for name, factory in factories.items()}
+        self.runtime_cache_dir = runtime_cache_dir(model_dir, settings)
+        self.backbones = {name: Backbone.from_settings(factory, name, settings, self.runtime_cache_dir)
+                          for name, factory in factories.items()}
         self._interactive: dict[str, SamInteractiveInfer] = {}
         self._prompt_stores: dict[str, LabelStore] = {}
 
     def cache_stats(self) -> dict:
         """{model: {cache: its size, limits and hit rate}} of every served model."""
         return {name: backbone.cache_stats() for name, backbone in self.backbones.items()}
+
+    def runtimes(self) -> dict:
+        """{model: where its frozen encoder runs}."""
+        return {name: backbone.runtime_info() for name, backbone in self.backbones.items()}
 
     @property
     def names(self) -> list[str]:

@@ -32,7 +32,9 @@ class OnePromptConfig(TaskConfig):
              **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.settings = load_settings(conf)
-        self.shared = (served or ServedModels(self.model_dir, self.settings)).default_litemedsam()
+        served = served or ServedModels(self.model_dir, self.settings)
+        self.shared = served.default_litemedsam()
+        self.runtime_cache_dir = served.runtime_cache_dir
         self.weights = resolve_path(self.settings.get("oneprompt_weights") or DEFAULT_WEIGHTS, REPO_ROOT)
         self.store = TemplateStore(os.path.join(self.model_dir, "oneprompt", "templates"))
 
@@ -47,6 +49,7 @@ class OnePromptConfig(TaskConfig):
             feature_cache_size=int(self.settings.get("oneprompt_feature_cache_size") or 32),
             feature_cache_bytes=mebibytes(self.settings.get("oneprompt_feature_cache_mb")),
             default_modality=self.settings["modality"], default_ct_window=self.settings["ct_window"],
+            encoder_runtime=self.settings.get("encoder_runtime", "auto"), runtime_cache_dir=self.runtime_cache_dir,
             description="One-Prompt: register a prompted slice as a template (mode register), then segment "
                         "volumes and images with it (segment), or prompt a slice (interactive, everything)")}
 

@@ -88,8 +88,10 @@ class PromptPredictor:
     """Runs a composed SAM (`lib.models.sam.Sam`) on prompts, one slice at a time, with cached embeddings."""
 
     def __init__(self, model, device: torch.device, embeddings: LRUCache, objects: "ObjectMemory",
-                 settings: PredictorSettings | None = None):
+                 settings: PredictorSettings | None = None, encode=None):
+        """encode: the model's `encode` through a faster runtime (Backbone.encode); None: the model's own."""
         self.model = model
+        self.encode = encode if encode is not None else model.encode
         self.device = device
         self.embeddings = embeddings
         self.objects = objects
@@ -105,7 +107,7 @@ class PromptPredictor:
             if x.shape[0] == 1:
                 x = x.expand(3, -1, -1)
             with torch.inference_mode():
-                return self.model.encode(x[None].to(self.device))
+                return self.encode(x[None].to(self.device))
 
         embedding, hit = self.embeddings.get_or_compute(cache_key.at(window), encode)
         return embedding, frame, hit

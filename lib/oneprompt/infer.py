@@ -59,6 +59,7 @@ from lib.core.progress import current as current_progress
 from lib.oneprompt.prompts import parse_template_prompt, prompt_kind, resolve_label_tags, uploaded_label
 from lib.oneprompt.templates import TemplateStore
 from lib.core.device import pick_device
+from lib.core.runtime import FrozenForward, resolve_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class OnePromptInfer(InferTask):
                  description: str = "One-Prompt: prompt one slice once, segment other slices and images",
                  device: str | None = None, image_loader: Callable[[str], tuple[LoadedImage, bool]] | None = None,
                  feature_cache_size: int = 32, feature_cache_bytes: int | None = None, default_modality: str | None = None, default_ct_window=None,
-                 progress_every: int = 10):
+                 progress_every: int = 10, encoder_runtime: str = "eager", runtime_cache_dir: str | None = None):
+        """encoder_runtime, runtime_cache_dir: where the frozen encoder's features are computed (lib.core.runtime)."""
         super().__init__(
             type=InferType.DEEPGROW,  # Slicer and OHIF show click and box tools for deepgrow-type models
             labels=[],
@@ -89,6 +91,9 @@ class OnePromptInfer(InferTask):
         self.image_loader = image_loader or ImageCache(4).get
         self.progress_every = progress_every
         self.lazy_model = LazyModel(model_factory, self.device, "One-Prompt model")
+        self.encoder_runtime = resolve_runtime(encoder_runtime, self.device)
+        self.runtime_cache_dir = runtime_cache_dir
+        self._features_forward: FrozenForward | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def is_valid(self) -> bool:
@@ -99,6 +104,8 @@ class OnePromptInfer(InferTask):
         info["modes"] = list(MODES)
         info["templates"] = self.store.info()
         info["cache"] = {"features": self.features.stats()}
+        info["runtime"] = (self._features_forward.info() if self._features_forward is not None
+                           else {"runtime": self.encoder_runtime, "graphs": []})
         return info
 
     @property
@@ -188,11 +195,18 @@ class OnePromptInfer(InferTask):
                 return None
             context["encoder_runs"] += 1
             with torch.inference_mode():
-                feats = self.model.encode(unit[None].to(self.device))
+                feats = self.encode_features(unit[None].to(self.device))
             return unit, {k: v.half().cpu() for k, v in feats.items()}
 
         value, _ = self.features.get_or_compute(key, compute)
         return value
+
+    def encode_features(self, images: torch.Tensor) -> dict:
+        """The frozen encoder's feature maps of (B, 3, S, S) model inputs, through the task's runtime."""
+        if self._features_forward is None:
+            self._features_forward = FrozenForward(self.model.image_encoder, self.encoder_runtime,
+                                                   self.runtime_cache_dir, name="oneprompt-features")
+        return self._features_forward(images)
 
     def model_prompt(self, prompt: dict, unit: torch.Tensor):
         """A stored or parsed prompt (model pixels) -> the model's Prompt for one template, on the device (the
