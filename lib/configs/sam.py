@@ -34,5 +34,6 @@ class SAMConfig(TaskConfig):
     def trainer(self) -> Optional[Dict[str, TrainTask]]:
         return {name: SAMassistTrainTask.from_settings(os.path.join(self.model_dir, "train", name),
                                                        self.served.backbone(name).model_factory,
-                                                       self.served.prompt_store(name), self.settings)
+                                                       self.served.prompt_store(name), self.settings,
+                                                       self.served.runtime_cache_dir)
                 for name in self.served.names}

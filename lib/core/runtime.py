@@ -84,8 +84,7 @@ class _Flat(nn.Module):
 class FrozenForward:
     """`module(x)` of a frozen module (its output a tensor or a dict of tensors) through one runtime.
 
-    cache_dir: where OpenVINO graphs are kept (None: built in memory at each start). name: part of the cached
-    file's name, to tell graphs apart. Thread-safe: one OpenVINO inference at a time per input shape (the server
+    cache_dir: where OpenVINO graphs are kept (None: built in memory at each start). name: for the log. Thread-safe: one OpenVINO inference at a time per input shape (the server
     gives the device to one request at a time anyway)."""
 
     def __init__(self, module: nn.Module, runtime: str, cache_dir: str | None = None, name: str = "encoder"):
@@ -143,9 +142,10 @@ class FrozenForward:
     def _load_or_export(self, shape: tuple, ov):
         stem = None
         if self.cache_dir:
-            key = hashlib.sha256(f"{weights_digest(self.module)}|{shape}|{torch.__version__}|"
-                                 f"{ov.__version__}".encode()).hexdigest()[:20]
-            stem = os.path.join(self.cache_dir, f"{self.name}-{'x'.join(map(str, shape))}-{key}")
+            # Keyed by what the graph computes, not by who asks: the infer task and a training run share it.
+            key = hashlib.sha256(f"{type(self.module).__qualname__}|{weights_digest(self.module)}|{shape}|"
+                                 f"{torch.__version__}|{ov.__version__}".encode()).hexdigest()[:20]
+            stem = os.path.join(self.cache_dir, f"{type(self.module).__name__}-{'x'.join(map(str, shape))}-{key}")
             if os.path.exists(stem + ".json"):  # written last: the graph beside it is whole
                 with open(stem + ".json") as f:
                     keys = json.load(f)["keys"]

@@ -16,8 +16,10 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from lib.core import requests
 from lib.core.cache import LRUCache
 from lib.core.errors import RequestError
+from lib.core.backbone import SamEncoding
 from lib.core.predictor import PredictorSettings
 from lib.core.device import pick_device
+from lib.core.runtime import FrozenForward, resolve_runtime
 from lib.core.transforms.geometry import extract_slice
 from lib.core.images import load_image
 from lib.core.stores import LabelStore, atomic_write
@@ -128,7 +130,9 @@ class LabelTrainTask(BasicTrainTask):
 
     def __init__(self, model_dir: str, description: str, config: dict, model_factory, store: LabelStore,
                  device=None, modality: str | None = None, ct_window=None,
-                 predictor_settings: PredictorSettings | None = None):
+                 predictor_settings: PredictorSettings | None = None, encoder_runtime: str = "eager",
+                 runtime_cache_dir: str | None = None):
+        """encoder_runtime, runtime_cache_dir: where the frozen image encoder runs (lib.core.runtime), as in serving."""
         super().__init__(model_dir, description, config=config, amp=False,
                          stats_path=os.path.join(model_dir, "train_stats.json"))
         for unused in ("max_epochs", "val_split", "early_stop_patience"):  # our own epochs and validation
@@ -140,13 +144,22 @@ class LabelTrainTask(BasicTrainTask):
         self.modality = modality or None
         self.ct_window = ct_window
         self.predictor_settings = predictor_settings or PredictorSettings()
+        self.encoder_runtime, self.runtime_cache_dir = encoder_runtime, runtime_cache_dir
         self._volumes = LRUCache(3)  # the image and label of the current case
 
     @classmethod
-    def from_settings(cls, model_dir: str, model_factory, store: LabelStore, settings: dict):
-        """A task configured by the app's settings: same device, modality and prompt handling as the infer task."""
+    def from_settings(cls, model_dir: str, model_factory, store: LabelStore, settings: dict,
+                      runtime_cache_dir: str | None = None):
+        """A task configured by the app's settings: same device, modality, prompt handling and encoder runtime as
+        the infer task."""
         return cls(model_dir, model_factory, store, device=settings["device"], modality=settings["modality"],
-                   ct_window=settings["ct_window"], predictor_settings=PredictorSettings(zoom=settings["zoom"]))
+                   ct_window=settings["ct_window"], predictor_settings=PredictorSettings(zoom=settings["zoom"]),
+                   encoder_runtime=settings.get("encoder_runtime", "auto"), runtime_cache_dir=runtime_cache_dir)
+
+    def frozen_encoder(self, model, device: torch.device):
+        """The frozen `model.encode` through the task's runtime (the graph the infer task built, from the cache)."""
+        return FrozenForward(SamEncoding(model), resolve_runtime(self.encoder_runtime, device), self.runtime_cache_dir,
+                             name=f"{self.method} encoder")
 
     def __call__(self, request, datastore):
         try:

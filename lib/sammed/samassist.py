@@ -110,8 +110,10 @@ class PromptEncoderLearner:
     """Learns a copy of `model.prompt_encoder` on annotated slices; the model itself is left untouched (it may
     keep serving requests meanwhile)."""
 
-    def __init__(self, model, device: torch.device, settings: PromptLearningSettings | None = None):
+    def __init__(self, model, device: torch.device, settings: PromptLearningSettings | None = None, encode=None):
+        """encode: the frozen model's `encode` through a faster runtime (lib.core.runtime); None: the model's own."""
         self.model = model
+        self.encode = encode if encode is not None else model.encode
         self.device = device
         self.settings = settings or PromptLearningSettings()
         self.slices: list[TrainingSlice] = []
@@ -123,7 +125,7 @@ class PromptEncoderLearner:
         x = resize_to_model(crop_window(slice_image, frame.window), frame)
         x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
         with torch.no_grad():  # not inference_mode: the embedding takes part in autograd graphs later
-            embedding = self.model.encode(x[None].to(self.device))
+            embedding = self.encode(x[None].to(self.device))
         low_res = 4 * embedding.shape[-1]  # the decoder upsamples the embedding grid twice by 2
         target = resize_to_model(torch.as_tensor(mask, dtype=torch.float32)[None], frame)
         target = F.interpolate(target[None], size=(low_res, low_res), mode="bilinear", align_corners=False)

@@ -118,7 +118,9 @@ class SAMassistTrainTask(LabelTrainTask):
     def network(self, context: Context):
         start = time.perf_counter()
         model = self.model_factory(context.device).eval()
-        learner = PromptEncoderLearner(model, context.device, PromptLearningSettings(**context.request["learning"]))
+        context.encode = self.frozen_encoder(model, context.device)
+        learner = PromptEncoderLearner(model, context.device, PromptLearningSettings(**context.request["learning"]),
+                                       encode=context.encode)
         for n, plan in enumerate(context.train_datalist):
             slice_image, mask = self.annotated_slice(plan, context.request["label_value"])
             learner.add_slice(slice_image, mask)
@@ -220,7 +222,8 @@ class SAMassistTrainTask(LabelTrainTask):
         embeddings = LRUCache(max(2, 2 * len(slices)))  # each slice encoded once, for both runs
         result = {"held_out_slices": len(slices)}
         for name, encoder in (("learned", learned), ("vanilla", None)):
-            predictor = PromptPredictor(model, context.device, embeddings, ObjectMemory(), self.predictor_settings)
+            predictor = PromptPredictor(model, context.device, embeddings, ObjectMemory(), self.predictor_settings,
+                                        encode=context.encode)
             predict = lambda slice_image, prompt, key: predictor.predict(slice_image, prompt, key, encoder)[0]
             result[name] = validate_prompts(predict, slices, np.random.default_rng(0))
         return result
