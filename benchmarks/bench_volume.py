@@ -57,15 +57,15 @@ def labels_and_names():
     return label.astype(np.int32), values
 
 
-def oneprompt(runtime: str, cache_dir: str, model) -> dict:
+def oneprompt(runtime: str, cache_dir: str, model, device: str = "cpu") -> dict:
     label, values = labels_and_names()
     lo, hi = SLICES
     out = {"structures": {}}
     with tempfile.TemporaryDirectory() as tmp:
         task = OnePromptInfer(lambda device: model, TemplateStore(tmp), feature_cache_size=256, progress_every=1000,
-                              encoder_runtime=runtime, runtime_cache_dir=cache_dir)
+                              encoder_runtime=runtime, runtime_cache_dir=cache_dir, device=device)
         start = time.perf_counter()
-        task.encode_features(torch.zeros(1, 3, 256, 256))  # build (or load) the runtime's graph
+        task.encode_features(torch.zeros(1, 3, 256, 256, device=device))  # build (or load) the runtime's graph
         out["graph_s"] = round(time.perf_counter() - start, 1)
         for n, name in enumerate(ONEPROMPT_STRUCTURES):
             value = values[name]
@@ -93,7 +93,7 @@ def oneprompt(runtime: str, cache_dir: str, model) -> dict:
     return out
 
 
-def samauto(runtime: str, cache_dir: str, model) -> dict:
+def samauto(runtime: str, cache_dir: str, model, device: str = "cpu") -> dict:
     label, values = labels_and_names()
     image = load_image(IMAGE)
     intensity = compute_intensity_range(image.array.numpy(), "MR")
@@ -102,16 +102,16 @@ def samauto(runtime: str, cache_dir: str, model) -> dict:
     shape = tuple(extract_slice(image.array[:1], 2, 0).shape[-2:])
     encoder = FrozenForward(SamEncoding(model), runtime, cache_dir, name="litemedsam-encoder")
     start = time.perf_counter()
-    encoder(torch.zeros(1, 3, 256, 256))
+    encoder(torch.zeros(1, 3, 256, 256, device=device))
     out = {"graph_s": round(time.perf_counter() - start, 1), "structures": {}}
-    predictor = PromptPredictor(model, torch.device("cpu"), LRUCache(num_slices), ObjectMemory(), encode=encoder)
+    predictor = PromptPredictor(model, torch.device(device), LRUCache(num_slices), ObjectMemory(), encode=encoder)
     embed = lambda k: predictor.embed(slice_of(k), Window.whole(shape), EmbeddingKey("colin27", axis=2, index=k))[0]
     lo, hi = SLICES
     for n, name in enumerate(SAMAUTO_STRUCTURES):
         volume = label == values[name]
         truth = np.stack([extract_slice(torch.as_tensor(volume[None]), 2, k)[0].numpy() for k in range(num_slices)])
         train = select_training_slices(volume, 2, 2, np.random.default_rng(0))
-        learner = SAPNetLearner(model, torch.device("cpu"))
+        learner = SAPNetLearner(model, torch.device(device))
         for k in train:
             learner.add_slice(slice_of(k), truth[k], index=k, embedding=embed(k))
         learned = learner.train()

@@ -90,6 +90,22 @@ def test_damaged_cache_is_exported_again(model, tmp_path):
     assert rebuilt.export_seconds
 
 
+def test_a_module_that_cannot_be_exported_runs_eager(tmp_path):
+    class DataDependent(torch.nn.Module):  # a Python branch on values: torch.export refuses it
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.scale if float(x.sum()) > 0 else -x
+
+    forward = FrozenForward(DataDependent(), "openvino_bf16", str(tmp_path))
+    x = torch.ones(1, 3, 4, 4)
+    with torch.inference_mode():
+        assert torch.equal(forward(x), x)
+    assert forward.info()["eager_fallback"] == [[1, 3, 4, 4]] and forward.info()["graphs"] == []
+
+
 def test_dict_outputs_keep_their_names(model):
     """One-Prompt's encoder gives a dict of feature maps: the graph's outputs come back under the same keys."""
     from lib.oneprompt.model.model import TinyViTFeatures
@@ -108,7 +124,7 @@ def test_dict_outputs_keep_their_names(model):
 def test_backbone_serves_through_its_runtime():
     backbone = Backbone(lambda device: build_litemedsam(device=device), device="cpu",
                         encoder_runtime="openvino_bf16", runtime_cache_dir=RUNTIME_CACHE)
-    assert backbone.runtime_info() == {"runtime": "openvino_bf16", "graphs": []}
+    assert backbone.runtime_info() == {"runtime": "openvino_bf16", "graphs": [], "eager_fallback": []}
     predictor = backbone.predictor(PredictorSettings())
     slice_image = torch.rand(1, 120, 140)
     predictor.embed(slice_image, predictor._window_for((10, 10, 100, 120), (120, 140)), EmbeddingKey("x"))

@@ -71,7 +71,7 @@ class Backbone:
         return self.lazy_model.get()
 
     def runtime_info(self) -> dict:
-        return self._encoder.info() if self._encoder is not None else {"runtime": self.encoder_runtime, "graphs": []}
+        return self._encoder.info() if self._encoder is not None else {"runtime": self.encoder_runtime, "graphs": [], "eager_fallback": []}
 
     def encode(self, image01: torch.Tensor) -> torch.Tensor:
         """The frozen model's `encode` (B, 3, S, S) in [0, 1] -> embedding, through the backbone's runtime."""

@@ -102,21 +102,30 @@ class FrozenForward:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = self.module(x)
             return {k: v.float() for k, v in out.items()} if isinstance(out, dict) else out.float()
-        infer, lock, keys = self._graph(tuple(x.shape))
+        graph = self._graph(tuple(x.shape))
+        if graph is None:  # this module could not be exported: eager PyTorch, as said in the log
+            return self.module(x)
+        infer, lock, keys = graph
         with lock:
             outputs = infer(x.detach().cpu().float().contiguous().numpy())
         tensors = [torch.from_numpy(o).to(x.device) for o in outputs]
         return tensors[0] if keys is None else dict(zip(keys, tensors))
 
     def info(self) -> dict:
-        return {"runtime": self.runtime, "graphs": [list(s) for s in self._graphs],
+        return {"runtime": self.runtime, "graphs": [list(s) for s, g in self._graphs.items() if g is not None],
+                "eager_fallback": [list(s) for s, g in self._graphs.items() if g is None],
                 "export_s": {k: round(v, 1) for k, v in self.export_seconds.items()}}
 
     # -- OpenVINO --------------------------------------------------------------------------------------------
     def _graph(self, shape: tuple):
         with self._lock:
             if shape not in self._graphs:
-                self._graphs[shape] = self._compile(shape)
+                try:
+                    self._graphs[shape] = self._compile(shape)
+                except Exception as e:  # noqa: BLE001 - any exporter or compiler failure: serve eager, never fail
+                    logger.warning(f"{self.name}: no OpenVINO graph for {shape} ({type(e).__name__}: {e}); "
+                                   f"running eager PyTorch for it")
+                    self._graphs[shape] = None
             return self._graphs[shape]
 
     def _compile(self, shape: tuple):

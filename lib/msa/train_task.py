@@ -80,13 +80,14 @@ class MSATrainTask(LabelTrainTask):
 
     def __init__(self, model_dir: str, model_factory, store: LabelStore, device=None, modality: str | None = None,
                  ct_window=None, predictor_settings: PredictorSettings | None = None,
-                 description: str = "MSA: train small adapters in the frozen model for one label from saved labels"):
+                 description: str = "MSA: train small adapters in the frozen model for one label from saved labels",
+                 encoder_runtime: str = "eager", runtime_cache_dir: str | None = None):
         adapters, training = AdapterSettings(), AdapterTrainingSettings()
         config = {"label": "", "label_value": "", "images": [], "axis": 2, "slices": "all", "validation_slices": 6,
                   "gap": 1, **{k: v for k, v in asdict(training).items() if k != "box_jitter"},
                   **{k: v for k, v in asdict(adapters).items() if k != "depth_branch"}}
         super().__init__(model_dir, description, config, model_factory, store, device, modality, ct_window,
-                         predictor_settings)
+                         predictor_settings, encoder_runtime, runtime_cache_dir)
 
     # -- request -> plan ---------------------------------------------------------------------------------------
     def settings_from(self, request: dict) -> tuple[AdapterSettings, AdapterTrainingSettings]:

@@ -105,7 +105,7 @@ class OnePromptInfer(InferTask):
         info["templates"] = self.store.info()
         info["cache"] = {"features": self.features.stats()}
         info["runtime"] = (self._features_forward.info() if self._features_forward is not None
-                           else {"runtime": self.encoder_runtime, "graphs": []})
+                           else {"runtime": self.encoder_runtime, "graphs": [], "eager_fallback": []})
         return info
 
     @property

@@ -80,14 +80,15 @@ class SAMassistTrainTask(LabelTrainTask):
 
     def __init__(self, model_dir: str, model_factory, store: LabelStore, device=None, modality: str | None = None,
                  ct_window=None, predictor_settings: PredictorSettings | None = None,
-                 description: str = "SAMassist: learn this model's prompt encoder for one label from 2-5 labelled slices"):
+                 description: str = "SAMassist: learn this model's prompt encoder for one label from 2-5 labelled slices",
+                 encoder_runtime: str = "eager", runtime_cache_dir: str | None = None):
         defaults = PromptLearningSettings()
         config = {"label": "", "label_value": "", "slices": 2, "axis": 2, "prompt": defaults.prompt,
                   "scheme": defaults.scheme, "iterations": defaults.iterations,
                   "learning_rate": defaults.learning_rate, "validation_slices": 6, "seed": defaults.seed,
                   "auto": True, "images": []}
         super().__init__(model_dir, description, config, model_factory, store, device, modality, ct_window,
-                         predictor_settings)
+                         predictor_settings, encoder_runtime, runtime_cache_dir)
 
     # -- request -> plan ---------------------------------------------------------------------------------------
     def learning_settings(self, request: dict) -> PromptLearningSettings:
