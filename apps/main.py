@@ -62,13 +62,21 @@ class PromptableSAMApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            from lib.server.dicomweb import guarded  # imported on use: SimpleITK and pydicom-seg come with it
+
+            return guarded(super().init_datastore())
         from monailabel.config import settings
 
         return GuardedLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                      auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                      read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
                                      max_image_voxels=int(float(self.settings["max_image_mvoxels"]) * 1e6) or None)
+
+    def _download_dcmqi_tools(self):
+        # MONAI Label downloads dcmqi here, which fails offline: the pinned dcmqi wheel ships its SEG writer.
+        from lib.server.dicomweb import use_packaged_dcmqi
+
+        use_packaged_dcmqi()
 
     def info(self):
         meta = super().info()

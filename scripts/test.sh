@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/debian_packages.sh orthanc orthanc-dicomweb  # the PACS tests (tests/test_pacs.py)
 .venv/bin/lint-imports --no-cache  # the dependency rule: .importlinter (README, Architecture)
 .venv/bin/ruff check .              # ruff.toml
 exec .venv/bin/python -m pytest "$@"

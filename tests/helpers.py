@@ -47,18 +47,19 @@ class Server:
     sample data."""
 
     def __init__(self, studies: str, log_path: str, app: str = os.path.join(REPO, "apps"), conf: dict | None = None,
-                 asgi: str | None = "apps.server:app"):
+                 asgi: str | None = "apps.server:app", env: dict | None = None):
         self.studies = studies
         self.asgi = asgi  # None: MONAI Label's own ASGI app (the benchmarks' no-op reference)
         self.app = app
         self.conf = {"runtime_cache_dir": RUNTIME_CACHE, **(conf or {})}
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.process = None
 
     def start(self, timeout: float = 180.0) -> "Server":
-        env = {**os.environ, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "PYTHONUNBUFFERED": "1", **self.env}
         self.log = open(self.log_path, "w")
         # The `monailabel` launcher runs whichever `python` is first on PATH; name this interpreter instead.
         self.process = subprocess.Popen(
