@@ -64,7 +64,9 @@ class PromptableSAMApp(MONAILabelApp):
         if self.studies.startswith(("http://", "https://")):
             from lib.server.dicomweb import guarded  # imported on use: SimpleITK and pydicom-seg come with it
 
-            return guarded(super().init_datastore())
+            return guarded(super().init_datastore(), modalities=self.settings["dicomweb_modalities"],
+                           cache_mb=self.settings["dicomweb_cache_mb"],
+                           revalidate_s=self.settings["dicomweb_revalidate_s"])
         from monailabel.config import settings
 
         return GuardedLocalDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,

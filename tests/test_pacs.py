@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from helpers import REPO, SAMPLE_DATA, Server, dice, free_port
 from lib.core.evaluation import component_targets
+from lib.server.dicomweb import use_packaged_dcmqi
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import pacs  # noqa: E402
@@ -48,7 +49,7 @@ def server(orthanc, tmp_path_factory):
     pacs_server, _ = orthanc
     root = tmp_path_factory.mktemp("app")
     srv = Server(pacs_server.dicomweb, str(root / "server.log"),
-                 conf={"models_dir": str(root / "model")},
+                 conf={"models_dir": str(root / "model"), "dicomweb_revalidate_s": "0"},
                  env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")}).start()
     yield srv
     srv.stop()
@@ -140,8 +141,44 @@ def test_saved_label_is_a_seg_in_orthanc_with_the_same_voxels(server, orthanc, s
     back = sitk.Resample(decoded, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back).transpose(2, 1, 0), truth)
 
-    # GET /datastore/label of a final label on DICOMweb is still a 500 (MONAI Label reads the source series as the
-    # SEG): issue 15, open.
+    # What Slicer's and OHIF's label download read: the same voxels on the image's grid, the names kept.
+    assert read_back_label(server, uid, tmp_path).tolist() == truth.tolist()
+    info = requests.get(f"{server.url}/datastore/label/info", params={"label": uid, "tag": "final"}, timeout=60)
+    assert [n["name"] for n in info.json()["label_info"]] == [n["name"] for n in NAMES]
+
+
+def read_back_label(server, uid, tmp_path):
+    response = requests.get(f"{server.url}/datastore/label", params={"label": uid, "tag": "final"}, timeout=300)
+    assert response.status_code == 200, response.text
+    path = tmp_path / "read-back.nii.gz"
+    path.write_bytes(response.content)
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_a_seg_added_on_the_pacs_replaces_the_cached_label(server, orthanc, served_image, tmp_path):
+    """Another workstation stores a newer SEG for the series directly in the PACS: the next read gives it."""
+    from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+
+    pacs_server, series = orthanc
+    uid, image, on_grid, truth = served_image
+    only_brain = sitk.Cast(on_grid == 2, sitk.sitkUInt8)
+    label_path = tmp_path / "brain.nii.gz"
+    sitk.WriteImage(only_brain, str(label_path))
+    use_packaged_dcmqi()
+    seg_file = nifti_to_dicom_seg(series["folder"], str(label_path), [{"name": "brain"}])
+    with open(seg_file, "rb") as f:
+        assert requests.post(f"{pacs_server.url}/instances", data=f.read(), timeout=60).ok
+    os.unlink(seg_file)
+
+    back = read_back_label(server, uid, tmp_path)
+    assert back.tolist() == (truth == 2).astype(back.dtype).tolist()
+    info = requests.get(f"{server.url}/datastore/label/info", params={"label": uid, "tag": "final"}, timeout=60)
+    assert [n["name"] for n in info.json()["label_info"]] == ["brain"]
+
+
+def test_labelled_series_is_not_the_next_sample(server):
+    response = requests.post(f"{server.url}/activelearning/random", json={}, timeout=60)
+    assert response.status_code != 200 or response.json().get("id") is None, response.text
 
 
 @pytest.mark.parametrize("image", ["../../escape", "1.2.3/../../x", "..", "a b"])
@@ -149,3 +186,60 @@ def test_ids_that_are_not_uids_are_refused(server, image):
     response = requests.post(f"{server.url}/infer/litemedsam", params={"image": image},
                              data={"params": json.dumps({"foreground": [[1, 1, 1]]})}, timeout=60)
     assert 400 <= response.status_code < 500, response.text
+
+
+def test_a_series_changed_on_the_pacs_is_fetched_again(server, orthanc, tmp_path):
+    """An instance removed from the series on the PACS: the server's copy follows (revalidated on every request
+    here; `dicomweb_revalidate_s` in production), then the instance comes back."""
+    pacs_server, series = orthanc
+    instances = requests.get(f"{pacs_server.url}/series", params={"expand": 1}, timeout=30).json()
+    ct = next(s for s in instances if s["MainDicomTags"]["SeriesInstanceUID"] == series["series"])
+    last = ct["Instances"][0]
+    saved = requests.get(f"{pacs_server.url}/instances/{last}/file", timeout=60).content
+    assert requests.delete(f"{pacs_server.url}/instances/{last}", timeout=30).ok
+    try:
+        response = requests.get(f"{server.url}/datastore/image", params={"image": series["series"]}, timeout=300)
+        assert response.status_code == 200, response.text
+        path = tmp_path / "changed.nii.gz"
+        path.write_bytes(response.content)
+        assert nib.load(str(path)).shape[2] == 59
+    finally:
+        assert requests.post(f"{pacs_server.url}/instances", data=saved, timeout=60).ok
+    response = requests.get(f"{server.url}/datastore/image", params={"image": series["series"]}, timeout=300)
+    path.write_bytes(response.content)
+    assert nib.load(str(path)).shape[2] == 60
+
+
+def test_the_series_cache_is_bounded_and_downloads_once(orthanc, tmp_path):
+    """The datastore itself, on the same PACS with a 1 MiB cache: a second series evicts the first; four threads
+    asking for one series download it once."""
+    import threading
+
+    from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+
+    from lib.server.dicomweb import guarded
+
+    pacs_server, series = orthanc
+    other = pacs_data.write_series("mni152_t1", str(tmp_path / "dicom"))
+    pacs_server.upload(other["folder"])
+    datastore = guarded(DICOMWebDatastore(DICOMwebClientX(pacs_server.dicomweb), {}, str(tmp_path / "cache")),
+                        modalities="CT,MR", cache_mb=1, revalidate_s=60)
+    assert set(datastore.list_images()) >= {series["series"], other["series"]}
+    downloads = []
+    original = datastore._download
+    datastore._download = lambda uid, folder: (downloads.append(uid), original(uid, folder))
+    first = datastore.get_image_uri(series["series"])
+    assert os.path.exists(first)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(datastore.get_image_uri(other["series"])))
+               for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(results) == 4 and len(set(results)) == 1
+    assert downloads == [series["series"], other["series"]]
+    assert not os.path.exists(first) and not os.path.exists(first[: -len(".nii.gz")])  # evicted
+    assert os.path.exists(datastore.get_image_uri(other["series"]))
+    assert datastore.get_image_uri(series["series"]) == first and os.path.exists(first)  # fetched again
+    requests.delete(f"{pacs_server.url}/series/" + next(
+        s["ID"] for s in requests.get(f"{pacs_server.url}/series", params={"expand": 1}, timeout=30).json()
+        if s["MainDicomTags"]["SeriesInstanceUID"] == other["series"]), timeout=30)
