@@ -135,9 +135,8 @@ def save_final_labels(app_url: str, series: dict) -> None:
         label_file = pacs_data.VOLUMES[name][4]
         if not label_file:
             continue
-        info = requests.get(f"{app_url}/datastore/image/info", params={"image": uid}, timeout=60).json()
-        if info.get("labels", {}).get("final") or "final" in (info.get("labels") or {}):
-            continue
+        if requests.head(f"{app_url}/datastore/label", params={"image": uid, "tag": "final"}, timeout=600).ok:
+            continue  # a SEG on the PACS references the series already
         label_info = [{"name": n} for _, n in sorted(names[name].items())]
         with open(os.path.join(REPO, "sample-data", "labels", "final", label_file), "rb") as f:
             response = requests.put(f"{app_url}/datastore/label", params={"image": uid, "tag": "final"},
@@ -169,9 +168,9 @@ def main(argv=None) -> int:
         deadline = time.time() + 180
         while time.time() < deadline and server.poll() is None:
             try:
-                if requests.get(f"{app_url}/info/", timeout=2).ok:
+                if requests.get(f"{app_url}/info/", timeout=5).ok:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still starting
                 time.sleep(0.5)
         if server.poll() is not None:
             raise RuntimeError(f"the app exited with {server.returncode}")

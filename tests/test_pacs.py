@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -20,37 +18,25 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from helpers import REPO, SAMPLE_DATA, Server, dice, free_port
+from helpers import SAMPLE_DATA, dice
 from lib.core.evaluation import component_targets
 from lib.server.dicomweb import use_packaged_dcmqi
-
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import pacs  # noqa: E402
-import pacs_data  # noqa: E402
+from pacs_helpers import pacs_data, start_app, start_orthanc
 
 NAMES = [{"name": "head"}, {"name": "intracranial region"}]
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    if shutil.which("Orthanc") is None or not os.path.exists(pacs.DICOMWEB_PLUGIN):
-        pytest.fail("Orthanc with its DICOMweb plugin is not installed: run the README's test command "
-                    "(bash scripts/test.sh installs the Debian packages orthanc and orthanc-dicomweb)")
-    root = tmp_path_factory.mktemp("pacs")
-    server = pacs.Orthanc(str(root), free_port()).start()
-    series = pacs_data.write_series("head_ct", str(root / "dicom"))
-    assert server.upload(series["folder"]) == 60
-    yield server, series
+    server, series = start_orthanc(str(tmp_path_factory.mktemp("pacs")))
+    assert len(os.listdir(series["head_ct"]["folder"])) == 60
+    yield server, series["head_ct"]
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def server(orthanc, tmp_path_factory):
-    pacs_server, _ = orthanc
-    root = tmp_path_factory.mktemp("app")
-    srv = Server(pacs_server.dicomweb, str(root / "server.log"),
-                 conf={"models_dir": str(root / "model"), "dicomweb_revalidate_s": "0"},
-                 env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")}).start()
+    srv = start_app(orthanc[0], str(tmp_path_factory.mktemp("app")), conf={"dicomweb_revalidate_s": "0"})
     yield srv
     srv.stop()
 

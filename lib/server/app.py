@@ -9,12 +9,13 @@ import re
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from monailabel.endpoints import datastore, infer, logs, session
+from monailabel.endpoints import datastore, infer, logs, ohif, session
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelError, \
     MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 
 from lib.server import endpoints, inference
+from lib.server import ohif as ohif_viewer
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ def override(app: FastAPI, originals: list[APIRouter], router: APIRouter) -> Non
 def serve(app: FastAPI) -> FastAPI:
     override(app, [infer.router], inference.router)
     override(app, [datastore.router, session.router, logs.router], endpoints.router)
+    override(app, [ohif.router], ohif_viewer.router)
+    ohif_viewer.panel_bundle()  # fail at start if the pinned wheel's panel is not the one patched
     app.add_middleware(RefuseUnknownNames)
     app.add_exception_handler(MONAILabelException, _monailabel_error)
     app.add_exception_handler(json.JSONDecodeError, _not_json)

@@ -35,7 +35,7 @@ import time
 import requests
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
-from monailabel.datastore.utils.convert import dicom_to_nifti
+from monailabel.datastore.utils.convert import binary_to_image, dicom_to_nifti
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
@@ -94,6 +94,7 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._state_lock = threading.RLock()  # the state below and eviction
+        self._seg_refs: dict[str, tuple[str, str]] = {}  # SEG series UID -> (referenced series, sort key)
         self._checked: dict[str, float] = {}  # series UID -> when its instances were last compared with the PACS
         self._state_path = self._datastore_path.rstrip(os.sep) + ".series.json"
         try:
@@ -143,16 +144,27 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
             series += [str(s.SeriesInstanceUID) for s in self._search_series(**query)]
         return sorted(set(series))
 
-    def _segs_of(self, image_id: str) -> list[tuple[str, str]]:
-        """[(sort key, SEG series UID)] of the SEG series in the image's study that reference it."""
-        info = self._dicom_info(image_id)
-        found = []
-        for seg in self._search_series(Modality="SEG", StudyInstanceUID=info["StudyInstanceUID"]):
-            meta = Dataset.from_json(self._client.retrieve_series_metadata(str(seg.StudyInstanceUID),
-                                                                           str(seg.SeriesInstanceUID))[0])
+    def _seg_reference(self, seg: Dataset) -> tuple[str, str]:
+        """(the series a SEG series references, its sort key: newest last). A SEG's metadata can be megabytes (its
+        per-frame groups) and never changes: read once per SEG."""
+        uid = str(seg.SeriesInstanceUID)
+        if uid not in self._seg_refs:
+            try:
+                meta = Dataset.from_json(self._client.retrieve_series_metadata(str(seg.StudyInstanceUID), uid)[0])
+            except requests.RequestException as e:
+                raise pacs_unreachable(e) from e
             referenced = meta.get("ReferencedSeriesSequence")
-            if referenced and str(referenced[0].SeriesInstanceUID) == image_id:
-                key = f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}|{meta.get('SeriesNumber', '')}"
+            key = f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}|{meta.get('InstanceCreationTime', '')}"
+            self._seg_refs[uid] = (str(referenced[0].SeriesInstanceUID) if referenced else "", key)
+        return self._seg_refs[uid]
+
+    def _segs_of(self, image_id: str) -> list[tuple[str, str]]:
+        """[(sort key, SEG series UID)] of the SEG series in the image's study that reference it, oldest first."""
+        study = self._dicom_info(image_id)["StudyInstanceUID"]
+        found = []
+        for seg in self._search_series(Modality="SEG", StudyInstanceUID=study):
+            referenced, key = self._seg_reference(seg)
+            if referenced == image_id:
                 found.append((key, str(seg.SeriesInstanceUID)))
         return sorted(found)
 
@@ -160,14 +172,8 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
         if label_tag not in (None, FINAL):
             return LocalDatastore.get_labeled_images(self, label_tag, labels)
         images = set(self.list_images())
-        labelled = set()
-        for seg in self._search_series(Modality="SEG"):
-            meta = Dataset.from_json(self._client.retrieve_series_metadata(str(seg.StudyInstanceUID),
-                                                                           str(seg.SeriesInstanceUID))[0])
-            referenced = meta.get("ReferencedSeriesSequence")
-            if referenced and str(referenced[0].SeriesInstanceUID) in images:
-                labelled.add(str(referenced[0].SeriesInstanceUID))
-        return sorted(labelled)
+        return sorted({ref for ref in (self._seg_reference(seg)[0] for seg in self._search_series(Modality="SEG"))
+                       if ref in images})
 
     def get_unlabeled_images(self, label_tag=None, labels=None) -> list[str]:
         return sorted(set(self.list_images()) - set(self.get_labeled_images(label_tag, labels)))
@@ -320,12 +326,38 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
         return names
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info, label_id: str = "") -> str:
+        """OHIF's Submit sends the viewer's labelmap as raw bytes (`label.bin`) and every segment of the viewer as
+        {name, idx}; the SEG gets the segments the label holds, named, in order of their values."""
         check_uid(image_id), check_id(label_tag, "tag")
         with self._series_lock(image_id):
+            converted = ""
             try:
+                if label_filename.endswith(".bin"):
+                    image = self.get_image_uri(image_id)
+                    try:
+                        converted = label_filename = binary_to_image(image, label_filename)
+                    except ValueError as e:
+                        raise bad_request(f"the label's voxels do not fit series {image_id}: {e}") from e
+                values = self._label_values(label_filename)
+                if not values:
+                    raise bad_request("the label is empty: nothing to save")
+                names = (label_info or {}).get("label_info")
+                if isinstance(names, list) and names and all(isinstance(n, dict) and "idx" in n for n in names):
+                    label_info["label_info"] = sorted((n for n in names if int(n["idx"]) in values),
+                                                      key=lambda n: int(n["idx"]))
                 return super().save_label(image_id, label_filename, label_tag, label_info, label_id)
             except requests.RequestException as e:
                 raise pacs_unreachable(e) from e
+            finally:
+                if converted and os.path.exists(converted):
+                    os.unlink(converted)
+
+    @staticmethod
+    def _label_values(path: str) -> set[int]:
+        import SimpleITK as sitk
+        import numpy as np
+
+        return {int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(path)))} - {0}
 
 
 def guarded(datastore: DICOMWebDatastore, modalities: str = "CT,MR", cache_mb: int = 20480,

@@ -58,6 +58,31 @@ def save_label(background_tasks: BackgroundTasks, image: str, params: str = Form
                                           user.username)
 
 
+# MONAI Label runs these on the event loop; on a PACS each may fetch and convert a whole series first, so here they
+# run on the thread pool and every other request keeps being answered.
+reader = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
+
+
+@router.head("/datastore/image", summary=f"{RBAC_USER}Check If Image Exists", tags=["Datastore"])
+def check_image(image: str, check_sum: Optional[str] = None, user: User = Depends(reader)):
+    return datastore_endpoints.download_image(image, check_only=True, check_sum=check_sum)
+
+
+@router.get("/datastore/image", summary=f"{RBAC_USER}Download Image", tags=["Datastore"])
+def download_image(image: str, user: User = Depends(reader)):
+    return datastore_endpoints.download_image(image)
+
+
+@router.head("/datastore/label", summary=f"{RBAC_USER}Check If Label Exists", tags=["Datastore"])
+def check_label(image: str, tag: str, user: User = Depends(reader)):
+    return datastore_endpoints.download_label(image, tag, check_only=True)
+
+
+@router.get("/datastore/label", summary=f"{RBAC_USER}Download Label", tags=["Datastore"])
+def download_label(label: str, tag: str, user: User = Depends(reader)):
+    return datastore_endpoints.download_label(label, tag)
+
+
 @router.put("/datastore/image/info", summary=f"{RBAC_ANNOTATOR}Update Image Info", tags=["Datastore"])
 def update_image_info(image: str, info: str = Form("{}"), user: User = Depends(annotator)):
     return datastore_endpoints.update_image_info(image, json_object(info, "info"), user.username)

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["Infer"])
 turns = DeviceTurns()  # the models of one server share one device (configs/app.yaml `device`)
 user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
+# Logged with each request (what was clicked, where): the prompts Slicer, OHIF and the other clients send.
+PROMPT_FIELDS = ("foreground", "background", "roi", "points", "point_labels", "label", "label_prompt", "slice",
+                 "axis", "text", "template")
 
 
 class _Runner:
@@ -98,7 +101,8 @@ async def build_request(model: str, image: str, session_id: str, params: str | N
         if label_file.endswith(".bin"):  # OHIF's scribbles: raw voxels on the image's grid
             from monailabel.datastore.utils.convert import binary_to_image
 
-            label_file = binary_to_image(instance.datastore().get_image_uri(image), label_file)
+            label_file = await run_in_threadpool(
+                lambda: binary_to_image(instance.datastore().get_image_uri(image), label_file))
             temp_files.append(label_file)
         request["label"] = label_file
     if session_id:
@@ -110,7 +114,8 @@ async def build_request(model: str, image: str, session_id: str, params: str | N
     if not request["image"]:
         raise bad_request("say which image: 'image' (a datastore id), an uploaded 'file' or a 'session_id'")
     if not (file or session_id or (allow_server_paths and os.path.isabs(request["image"]))):
-        if not instance.datastore().get_image_uri(request["image"]):
+        # On a PACS this may fetch and convert the series: off the event loop.
+        if not await run_in_threadpool(instance.datastore().get_image_uri, request["image"]):
             raise not_found(f"unknown image {request['image']!r}: it is not in the datastore")
     return request
 
@@ -122,6 +127,8 @@ async def start(model: str, image: str, session_id: str, params: str | None, fil
     try:
         request = await build_request(model, image, session_id, params, file, label, temp_files)
         description = {"model": request["model"], "image": os.path.basename(str(request.get("image", "")))}
+        prompts = {k: request[k] for k in PROMPT_FIELDS if request.get(k) not in (None, [], "")}
+        logger.info(f"infer {model} on {image or session_id or 'an upload'}: {json.dumps(prompts)[:500]}")
         instance = app_instance()
         job = runner.submit(lambda: instance.infer(request), turns, description, owner=_owner(user))
     except BaseException:
