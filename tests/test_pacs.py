@@ -18,7 +18,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 
-from helpers import SAMPLE_DATA, dice
+from helpers import SAMPLE_DATA, dice, start_training, wait_for_training
 from lib.core.evaluation import component_targets
 from lib.server.dicomweb import use_packaged_dcmqi
 from pacs_helpers import pacs_data, start_app, start_orthanc
@@ -165,6 +165,70 @@ def test_a_seg_added_on_the_pacs_replaces_the_cached_label(server, orthanc, serv
 def test_labelled_series_is_not_the_next_sample(server):
     response = requests.post(f"{server.url}/activelearning/random", json={}, timeout=60)
     assert response.status_code != 200 or response.json().get("id") is None, response.text
+
+
+def panel_infer(server, model: str, uid: str, params: dict, tmp_path) -> np.ndarray:
+    """POST /infer/{model} exactly as OHIF's MONAI Label panel (0.8.5) sends it: the series UID, multipart `params`
+    with its fixed result fields, IJK voxel points; the answer is a raw NRRD on the viewer's voxel grid."""
+    body = {**params, "result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False,
+            "restore_label_idx": False}
+    response = requests.post(f"{server.url}/infer/{model}", params={"image": uid, "output": "image"},
+                             files={"params": (None, json.dumps(body))}, timeout=900)
+    assert response.status_code == 200, response.text
+    path = tmp_path / f"{model}.nrrd"
+    path.write_bytes(response.content)
+    import nrrd
+
+    return nrrd.read(str(path))[0]
+
+
+def brain_click(truth):
+    k = truth.shape[2] // 2
+    target = component_targets(truth[:, :, k].T, values=[2])[0]
+    r, c = target.interior_point
+    return [int(c), int(r), k], target
+
+
+@pytest.mark.parametrize("model", ["litemedsam", "litemedsam_msa"])
+def test_panel_point_prompt(server, served_image, tmp_path, model):
+    """Point Prompts: a foreground click; these 2D models answer on the clicked slice."""
+    uid, _, _, truth = served_image
+    point, target = brain_click(truth)
+    mask = panel_infer(server, model, uid, {"foreground": [point], "background": []}, tmp_path)
+    assert mask.shape == truth.shape and mask.dtype == np.uint8
+    score = dice(mask[:, :, point[2]].T > 0, target.mask)
+    print(model, "panel click Dice", round(score, 3))
+    assert score >= 0.85
+
+
+def test_training_from_the_pacs_then_panel_auto_segmentation(server, served_image, tmp_path):
+    """The team's loop on the PACS: train from the final label saved there (the newest SEG: "brain", value 1),
+    then OHIF's Auto-Segmentation, which sends no prompt and no label (params {}), segments the series with it."""
+    uid, _, _, truth = served_image
+    start_training(server, "litemedsam", {"label": "brain", "label_value": 1, "slices": 2})
+    task, _ = wait_for_training(server, "litemedsam")
+    assert task["status"] == "DONE", task
+    mask = panel_infer(server, "litemedsam_auto", uid, {}, tmp_path)
+    assert mask.shape == truth.shape
+    score = dice(mask > 0, truth == 2)
+    print("trained from the PACS SEG, then auto-segmentation from the panel: Dice", round(score, 3))
+    assert score >= 0.6
+
+
+def test_panel_one_prompt_register_then_segment(server, served_image, tmp_path):
+    """One-Prompt from the panel: Options (mode=register, label) + one click registers a template; Options
+    (template) + any click segments with it. Here segmented on slices around the template's."""
+    uid, _, _, truth = served_image
+    point, target = brain_click(truth)
+    preview = panel_infer(server, "oneprompt", uid, {"mode": "register", "label": "brain pacs",
+                                                     "foreground": [point], "background": []}, tmp_path)
+    assert preview[:, :, point[2]].any() and not np.delete(preview, point[2], axis=2).any()
+    k = point[2]
+    mask = panel_infer(server, "oneprompt", uid, {"template": "brain pacs", "slices": [k - 5, k + 6],
+                                                  "foreground": [point], "background": []}, tmp_path)
+    score = dice(mask[:, :, k - 5:k + 6] > 0, truth[:, :, k - 5:k + 6] == 2)
+    print("One-Prompt template on the PACS series, 11 slices: Dice", round(score, 3))
+    assert score >= 0.4  # measured 0.494; One-Prompt's quality on real scans is issue 17
 
 
 @pytest.mark.parametrize("image", ["../../escape", "1.2.3/../../x", "..", "a b"])

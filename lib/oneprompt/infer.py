@@ -79,7 +79,8 @@ class OnePromptInfer(InferTask):
             labels=[],
             dimension=3,  # `segment` answers a whole volume; the slice modes answer a volume with one slice set
             description=description,
-            config={"mode": "", "modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
+            # `label` and `template` here put them in OHIF's Options dialog: the panel sends only clicks and these.
+            config={"mode": "", "label": "", "template": "", "modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
                     "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7, "volume_gate": True,
                     "gate_margin": 0.1},
         )

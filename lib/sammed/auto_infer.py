@@ -52,16 +52,26 @@ class SamAutoInfer(InferTask):
     def info(self) -> Dict[str, Any]:
         info = super().info()
         # The labels this task can segment: those whose training also learned a SAP-Net.
-        info["learned_labels"] = {label: meta["auto"] for label, meta in self.prompt_store.info().items()
-                                  if meta.get("auto")}
+        info["learned_labels"] = self.learned_labels()
+        # OHIF's panel names the answer's values by these (each label comes back as `label_value`, 1 by default).
+        info["labels"] = {label: 1 for label in info["learned_labels"]}
         return info
+
+    def learned_labels(self) -> dict:
+        return {label: meta["auto"] for label, meta in self.prompt_store.info().items() if meta.get("auto")}
 
     def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
         begin = time.perf_counter()
         req = {**self.config(), **request}
         label = str(req.get("label") or "").strip()
         if not label:
-            raise bad_request("say which label to segment: 'label', one trained with POST /train/")
+            # OHIF's Auto-Segmentation sends no label: with one label learned, that one.
+            learned = sorted(self.learned_labels())
+            if len(learned) != 1:
+                raise bad_request("say which label to segment: 'label' (in OHIF: Options / Configurations), one of "
+                                  f"{', '.join(learned)}" if learned else
+                                  "say which label to segment: 'label', one trained with POST /train/")
+            label = learned[0]
         meta = (self.prompt_store.meta(label) or {}).get("auto")
         model = self.backbone.model
         sapnet = self.prompt_store.load(label, "sapnet", lambda state: load_sapnet(state, meta, self.backbone.device),
