@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import nibabel as nib
 import numpy as np
@@ -293,3 +294,22 @@ def test_the_series_cache_is_bounded_and_downloads_once(orthanc, tmp_path):
     requests.delete(f"{pacs_server.url}/series/" + next(
         s["ID"] for s in requests.get(f"{pacs_server.url}/series", params={"expand": 1}, timeout=30).json()
         if s["MainDicomTags"]["SeriesInstanceUID"] == other["series"]), timeout=30)
+
+
+def test_with_the_pacs_down_a_cached_series_still_answers(server, orthanc, served_image, tmp_path):
+    """Orthanc stops (last test of the module): the series the server has keeps answering clicks; what it would
+    have to fetch is a 503 that says the PACS did not answer, not a 500."""
+    pacs_server, _ = orthanc
+    uid, _, _, truth = served_image
+    pacs_server.stop()
+    point, target = brain_click(truth)
+    start = time.perf_counter()
+    mask = panel_infer(server, "litemedsam", uid, {"foreground": [point], "background": []}, tmp_path)
+    assert dice(mask[:, :, point[2]].T > 0, target.mask) >= 0.85
+    clicked = time.perf_counter()
+    response = requests.get(f"{server.url}/datastore/image", params={"image": "1.2.3.4.5"}, timeout=120)
+    assert response.status_code == 503 and "PACS" in response.text, response.text
+    refused = time.perf_counter()
+    info = requests.get(f"{server.url}/info/", timeout=120)
+    assert info.status_code == 200 and "PACS" in info.json()["datastore"]["error"], info.text
+    print(f"PACS down: click {clicked - start:.1f} s, 503 {refused - clicked:.1f} s, /info {time.perf_counter() - refused:.1f} s")

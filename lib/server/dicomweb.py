@@ -175,6 +175,13 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
         return sorted({ref for ref in (self._seg_reference(seg)[0] for seg in self._search_series(Modality="SEG"))
                        if ref in images})
 
+    def status(self) -> dict:
+        """/info's datastore counts; with the PACS down /info still answers (OHIF's panel connects with it)."""
+        try:
+            return super().status()
+        except RequestError as e:
+            return {"total": 0, "completed": 0, "label_tags": {}, "error": e.detail}
+
     def get_unlabeled_images(self, label_tag=None, labels=None) -> list[str]:
         return sorted(set(self.list_images()) - set(self.get_labeled_images(label_tag, labels)))
 
@@ -211,7 +218,13 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
             entry = self._state.get(uid)
             present = os.path.isdir(folder) and os.listdir(folder) and os.path.exists(nifti)
             if not present or entry is None or time.time() - self._checked.get(uid, 0) > self.revalidate_s:
-                fingerprint = self._fingerprint(uid)
+                try:
+                    fingerprint = self._fingerprint(uid)
+                except RequestError as e:
+                    if not (present and entry and e.status_code == 503):
+                        raise
+                    logger.warning(f"series {uid}: the PACS did not answer; serving the cached copy")
+                    fingerprint = entry["fingerprint"]
                 self._checked[uid] = time.time()
                 if not present or entry is None or entry["fingerprint"] != fingerprint:
                     if present:
@@ -365,6 +378,9 @@ def guarded(datastore: DICOMWebDatastore, modalities: str = "CT,MR", cache_mb: i
     """The datastore MONAI Label built (its DICOMweb client comes from MONAI Label's settings: credentials, QIDO/WADO
     prefixes, Google Cloud), now a GuardedDICOMWebDatastore."""
     datastore.__class__ = GuardedDICOMWebDatastore
+    # dicomweb-client retries every failure 5 times with exponential waits: 30 s before a click hears that the PACS
+    # is down. One retry after half a second.
+    datastore._client.set_http_retry_params(max_attempts=2, wait_exponential_multiplier=250)
     datastore._init_cache([m.strip() for m in str(modalities).split(",") if m.strip()], int(cache_mb) * 2**20,
                           float(revalidate_s))
     return datastore
