@@ -59,6 +59,9 @@ class PromptableSAMApp(MONAILabelApp):
         # The server runs each request as a job on its own workers (lib/server/jobs.py), where its progress and
         # cancellation live; MONAI Label's extra hop to another thread would lose them.
         self._infers_threadpool = None
+        # MONAI Label runs every scoring method after each saved label and Next Sample; ours run whole-volume models,
+        # so they run when asked (POST /scoring/...), and a Next Sample scores what it needs itself.
+        self._auto_update_scoring = False
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
@@ -92,6 +95,21 @@ class PromptableSAMApp(MONAILabelApp):
         for config in self.task_configs.values():
             infers.update(config.infer())
         return infers
+
+    def init_strategies(self):
+        from monailabel.tasks.activelearning.first import First
+        from monailabel.tasks.activelearning.random import Random
+
+        strategies = {"random": Random(), "first": First()}
+        for config in self.task_configs.values():
+            strategies.update(config.strategy() or {})
+        return strategies
+
+    def init_scoring_methods(self):
+        methods = {}
+        for config in self.task_configs.values():
+            methods.update(config.scoring_method() or {})
+        return methods
 
     def init_trainers(self):
         trainers = {}

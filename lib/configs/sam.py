@@ -13,6 +13,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.configs.backbones import ServedModels
 from lib.core.settings import load_settings
+from lib.sammed.active_learning import SAMautoScores, UncertainImage, UncertainSlice, UncertaintyScoring
 from lib.sammed.auto_infer import SamAutoInfer
 from lib.sammed.train_task import SAMassistTrainTask
 
@@ -23,12 +24,22 @@ class SAMConfig(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.settings = load_settings(conf)
         self.served = served or ServedModels(self.model_dir, self.settings)
+        self._auto: dict[str, SamAutoInfer] = {}
+
+    def auto_task(self, name: str) -> SamAutoInfer:
+        """One SAMauto task per model, shared by its infer endpoint, its strategies and its scoring method."""
+        if name not in self._auto:
+            self._auto[name] = SamAutoInfer(self.served.backbone(name), self.served.prompt_store(name))
+        return self._auto[name]
+
+    def scores(self, name: str) -> SAMautoScores:
+        return SAMautoScores(self.auto_task(name), self.served.prompt_store(name))
 
     def infer(self) -> Dict[str, InferTask]:
         tasks = {}
         for name in self.served.names:
             tasks[name] = self.served.interactive(name)
-            tasks[f"{name}_auto"] = SamAutoInfer(self.served.backbone(name), self.served.prompt_store(name))
+            tasks[f"{name}_auto"] = self.auto_task(name)
         return tasks
 
     def trainer(self) -> Optional[Dict[str, TrainTask]]:
@@ -37,3 +48,14 @@ class SAMConfig(TaskConfig):
                                                        self.served.prompt_store(name), self.settings,
                                                        self.served.runtime_cache_dir)
                 for name in self.served.names}
+
+    def strategy(self):
+        """Next Sample for each model's learned labels: the image, and the slice in it, where SAMauto is least sure."""
+        out = {}
+        for name in self.served.names:
+            out[f"{name}_uncertain_image"] = UncertainImage(self.scores(name))
+            out[f"{name}_uncertain_slice"] = UncertainSlice(self.scores(name))
+        return out
+
+    def scoring_method(self):
+        return {f"{name}_uncertainty": UncertaintyScoring(self.scores(name)) for name in self.served.names}

@@ -9,7 +9,7 @@ import re
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from monailabel.endpoints import datastore, infer, logs, ohif, session
+from monailabel.endpoints import activelearning, datastore, infer, logs, ohif, session
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelError, \
     MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
@@ -101,7 +101,7 @@ def override(app: FastAPI, originals: list[APIRouter], router: APIRouter) -> Non
 
 def serve(app: FastAPI) -> FastAPI:
     override(app, [infer.router], inference.router)
-    override(app, [datastore.router, session.router, logs.router], endpoints.router)
+    override(app, [datastore.router, session.router, logs.router, activelearning.router], endpoints.router)
     override(app, [ohif.router], ohif_viewer.router)
     ohif_viewer.panel_bundle()  # fail at start if the pinned wheel's panel is not the one patched
     app.add_middleware(RefuseUnknownNames)

@@ -367,10 +367,11 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
 
     @staticmethod
     def _label_values(path: str) -> set[int]:
-        import SimpleITK as sitk
+        # Read as MONAI Label's SEG writer reads it (nifti_to_dicom_seg): the names must follow its values.
         import numpy as np
+        from monai.transforms import LoadImage
 
-        return {int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(path)))} - {0}
+        return {int(v) for v in np.unique(np.asarray(LoadImage(image_only=True)(path)))} - {0}
 
 
 def guarded(datastore: DICOMWebDatastore, modalities: str = "CT,MR", cache_mb: int = 20480,

@@ -17,6 +17,7 @@ from typing import List, Optional
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, UploadFile
 from fastapi.responses import Response
 from monailabel.config import RBAC_ADMIN, RBAC_ANNOTATOR, RBAC_USER, settings
+from monailabel.endpoints import activelearning as activelearning_endpoints
 from monailabel.endpoints import datastore as datastore_endpoints
 from monailabel.endpoints import session as session_endpoints
 from monailabel.endpoints.user.auth import RBAC, User
@@ -81,6 +82,13 @@ def check_label(image: str, tag: str, user: User = Depends(reader)):
 @router.get("/datastore/label", summary=f"{RBAC_USER}Download Label", tags=["Datastore"])
 def download_label(label: str, tag: str, user: User = Depends(reader)):
     return datastore_endpoints.download_label(label, tag)
+
+
+@router.post("/activelearning/{strategy}", summary=f"{RBAC_USER}Run Active Learning strategy to get next sample",
+             tags=["ActiveLearning"])
+def next_sample(strategy: str, params: Optional[dict] = None, user: User = Depends(reader)):
+    # A strategy may run a model first (ours score an image with SAMauto): on the thread pool, not the event loop.
+    return activelearning_endpoints.sample(strategy, params, user.username)
 
 
 @router.put("/datastore/image/info", summary=f"{RBAC_ANNOTATOR}Update Image Info", tags=["Datastore"])

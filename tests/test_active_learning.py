@@ -1,0 +1,157 @@
+"""Active learning (issue 16): what Next Sample hands out, before and after a label has a model, and the scores the
+scoring method keeps. The datastore is the sample data with Colin27's putamen labelled on two slices only (what a
+team has after its first minutes), and no MNI152 (one unlabelled volume keeps the scoring run short).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from helpers import SAMPLE_DATA, server_info, start_on_sample_data, start_training, wait_for_training
+from lib.core.active_learning import widest_spread_slice
+from lib.sammed.uncertainty import image_uncertainty, slice_disagreement
+
+MODEL = "litemedsam"
+PUTAMEN_L = 73  # AAL value
+IMAGE_STRATEGY, SLICE_STRATEGY, SCORING = (f"{MODEL}_uncertain_image", f"{MODEL}_uncertain_slice",
+                                          f"{MODEL}_uncertainty")
+
+
+def full_putamen() -> np.ndarray:
+    return np.asarray(nib.load(os.path.join(SAMPLE_DATA, "labels", "final", "colin27_t1.nii.gz")).dataobj).round() \
+        == PUTAMEN_L
+
+
+def putamen_slices() -> list[int]:
+    return np.nonzero(full_putamen().any(axis=(0, 1)))[0].tolist()
+
+
+def two_labelled_slices() -> list[int]:
+    extent = putamen_slices()
+    return [extent[len(extent) // 3], extent[2 * len(extent) // 3]]
+
+
+def partial_labels(studies: str) -> None:
+    os.unlink(os.path.join(studies, "mni152_t1.nii.gz"))
+    path = os.path.join(studies, "labels", "final", "colin27_t1.nii.gz")
+    img = nib.load(path)
+    label = np.zeros(img.shape, np.uint8)
+    for k in two_labelled_slices():
+        label[:, :, k] = full_putamen()[:, :, k] * PUTAMEN_L
+    nib.save(nib.Nifti1Image(label, img.affine), path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_on_sample_data(tmp_path_factory.mktemp("active_learning"), prepare=partial_labels)
+    yield srv
+    srv.stop()
+
+
+def next_sample(server, strategy: str, params: dict) -> requests.Response:
+    return requests.post(f"{server.url}/activelearning/{strategy}", json=params, timeout=900)
+
+
+# ---- rules and scores, no server -------------------------------------------------------------------------------
+
+def test_widest_spread_slice():
+    assert widest_spread_slice([], list(range(11))) == 5
+    assert widest_spread_slice([2], list(range(11))) == 10
+    assert widest_spread_slice([3, 7], list(range(3, 12))) == 11
+    assert widest_spread_slice([0, 10], list(range(11))) == 5  # between them, not on them
+
+
+def test_disagreement_between_coarse_and_refined_masks():
+    coarse = np.zeros((4, 8, 8), bool)
+    refined = np.zeros((4, 8, 8), bool)
+    coarse[0, :4], refined[0, :4] = True, True  # agree
+    coarse[1, :4], refined[1, 4:] = True, True  # disagree completely
+    coarse[2, :2] = True  # refined empty: a tip SAM dropped, where the model does not claim the structure
+    coarse[3, :4], refined[3, :2] = True, True  # the annotated slice: left out
+    scores = slice_disagreement(coarse, refined, annotated=[3])
+    assert scores == {0: 0.0, 1: 1.0}
+    assert image_uncertainty(scores) == pytest.approx(0.5, abs=1e-4)
+    assert image_uncertainty({}) == 1.0  # the model finds the structure nowhere
+
+
+# ---- through the server ----------------------------------------------------------------------------------------
+
+def test_the_strategies_and_scoring_are_listed(server):
+    info = server_info(server)
+    assert {"random", "first", IMAGE_STRATEGY, SLICE_STRATEGY} <= set(info["strategies"])
+    assert SCORING in info["scoring"]
+
+
+def test_before_any_model_the_largest_unlabelled_image(server):
+    # OHIF's panel sends {}: no label, nothing learned -> any image without a final label.
+    response = next_sample(server, IMAGE_STRATEGY, {})
+    assert response.status_code == 200, response.text
+    assert response.json() == {} or response.json()["id"] not in ("colin27_t1", "head_ct")
+    # For the putamen: the images whose labels do not hold it; head CT is the only volume.
+    answer = next_sample(server, IMAGE_STRATEGY, {"label": "Putamen_L", "label_value": PUTAMEN_L}).json()
+    assert answer["id"] == "head_ct" and "largest" in answer["reason"], answer
+
+
+def test_before_any_model_the_slice_farthest_from_the_labelled_ones(server):
+    answer = next_sample(server, SLICE_STRATEGY, {"label": "Putamen_L", "label_value": PUTAMEN_L,
+                                                  "image": "colin27_t1"}).json()
+    assert answer["id"] == "colin27_t1" and answer["axis"] == 2
+    assert answer["labelled_slices"] == two_labelled_slices()
+    assert answer["slice"] not in two_labelled_slices() and "farthest" in answer["reason"], answer
+
+
+@pytest.mark.parametrize("params, status", [
+    ({"label": "Not_A_Structure"}, 404),  # nothing learned or saved under that name
+    ({"label_value": PUTAMEN_L, "image": "no_such_image"}, 404),
+    ({"label_value": "seventy"}, 400),
+    ({"label_value": PUTAMEN_L, "axis": 5}, 400),
+    ({"score_budget": -1, "label_value": PUTAMEN_L}, 200),  # no model: the budget is not used
+])
+def test_bad_requests_are_4xx(server, params, status):
+    response = next_sample(server, SLICE_STRATEGY, params)
+    assert response.status_code == status, response.text
+
+
+def test_unknown_strategy_is_404(server):
+    assert next_sample(server, "no_such_strategy", {}).status_code == 404
+
+
+def test_after_training_scores_are_kept_and_the_slice_is_where_the_model_is_unsure(server):
+    start_training(server, MODEL, {"label": "Putamen_L", "label_value": PUTAMEN_L, "slices": 2})
+    task, _ = wait_for_training(server, MODEL)
+    assert task["status"] == "DONE", task
+
+    # The scoring method scores the unlabelled volumes (head CT) in the background and keeps it in the image info.
+    response = requests.post(f"{server.url}/scoring/{SCORING}", json={}, timeout=60)
+    assert response.status_code == 200, response.text
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = requests.get(f"{server.url}/scoring/", timeout=30).json()
+        if status.get("status") not in ("SUBMITTED", "RUNNING"):
+            break
+        time.sleep(2)
+    assert status["status"] == "DONE", status
+    learned = server_info(server)["models"][f"{MODEL}_auto"]["learned_labels"]
+    assert "Putamen_L" in learned
+    answer = next_sample(server, IMAGE_STRATEGY, {"label": "Putamen_L", "score_budget": 0}).json()
+    assert answer["id"] == "head_ct" and answer["scored"] == 1 and 0 <= answer["score"] <= 1, answer
+    stored = requests.get(f"{server.url}/datastore/image/info", params={"image": "head_ct"}, timeout=30).json()
+    assert stored["uncertainty"]["Putamen_L"]["image"] == answer["score"]
+
+    # In Colin27, with two putamen slices labelled: the next slice is not one of them; it is the one, among those
+    # where the model draws the putamen, where its two masks disagree most (kept in the image info).
+    answer = next_sample(server, SLICE_STRATEGY, {"label": "Putamen_L", "image": "colin27_t1"}).json()
+    print("slice strategy after training:", {k: v for k, v in answer.items() if k != "uncertainty"},
+          "true extent", putamen_slices()[0], "-", putamen_slices()[-1])
+    assert answer["slice"] not in two_labelled_slices() and "disagree" in answer["reason"], answer
+    per_slice = answer["uncertainty"]["Putamen_L"]["slices"]  # the image info, as the answer carries it
+    assert str(answer["slice"]) in per_slice and answer["score"] == max(per_slice.values())
+    assert not set(two_labelled_slices()) & {int(k) for k in per_slice}
+    # Measured: slice 94 (score 0.76), past the putamen's end (61-87): the model draws it on 86-94. Whether this
+    # rule beats random and evenly spaced slices is what benchmarks/bench_active_learning.py is for (issue 16).
