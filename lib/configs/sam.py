@@ -24,22 +24,15 @@ class SAMConfig(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.settings = load_settings(conf)
         self.served = served or ServedModels(self.model_dir, self.settings)
-        self._auto: dict[str, SamAutoInfer] = {}
-
-    def auto_task(self, name: str) -> SamAutoInfer:
-        """One SAMauto task per model, shared by its infer endpoint, its strategies and its scoring method."""
-        if name not in self._auto:
-            self._auto[name] = SamAutoInfer(self.served.backbone(name), self.served.prompt_store(name))
-        return self._auto[name]
-
-    def scores(self, name: str) -> SAMautoScores:
-        return SAMautoScores(self.auto_task(name), self.served.prompt_store(name))
+        # One SAMauto task per model, shared by its infer endpoint, its strategies and its scoring method.
+        self._auto = {name: SamAutoInfer(self.served.backbone(name), self.served.prompt_store(name))
+                      for name in self.served.names}
 
     def infer(self) -> Dict[str, InferTask]:
         tasks = {}
         for name in self.served.names:
             tasks[name] = self.served.interactive(name)
-            tasks[f"{name}_auto"] = self.auto_task(name)
+            tasks[f"{name}_auto"] = self._auto[name]
         return tasks
 
     def trainer(self) -> Optional[Dict[str, TrainTask]]:
@@ -53,9 +46,10 @@ class SAMConfig(TaskConfig):
         """Next Sample for each model's learned labels: the image, and the slice in it, where SAMauto is least sure."""
         out = {}
         for name in self.served.names:
-            out[f"{name}_uncertain_image"] = UncertainImage(self.scores(name))
-            out[f"{name}_uncertain_slice"] = UncertainSlice(self.scores(name))
+            scores = SAMautoScores(self._auto[name], self.served.prompt_store(name))
+            out[f"{name}_uncertain_image"], out[f"{name}_uncertain_slice"] = UncertainImage(scores), UncertainSlice(scores)
         return out
 
     def scoring_method(self):
-        return {f"{name}_uncertainty": UncertaintyScoring(self.scores(name)) for name in self.served.names}
+        return {f"{name}_uncertainty": UncertaintyScoring(SAMautoScores(self._auto[name], self.served.prompt_store(name)))
+                for name in self.served.names}
