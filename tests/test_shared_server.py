@@ -217,6 +217,19 @@ def test_mismatched_or_truncated_labels_are_refused_and_the_old_label_kept(serve
     assert open(final, "rb").read() == before
 
 
+def test_a_session_archive_without_an_archive_name_is_a_422(server):
+    """MONAI Label unpacks a session upload by its file name: a real zip named without .zip was a 500 (fuzzing)."""
+    import io
+    import zipfile
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("image.nii.gz", nifti_bytes(np.zeros((4, 4, 4), np.int16)))
+    response = requests.put(f"{server.url}/session/", params={"uncompress": "true"},
+                            files={"files": ("files", archive.getvalue())}, timeout=60)
+    assert response.status_code == 422 and ".zip" in response.text, response.text
+
+
 def test_unknown_images_and_labels_are_404_in_the_datastore_endpoints(server):
     assert requests.get(f"{server.url}/datastore/image/info", params={"image": "nope"}, timeout=60).status_code == 404
     assert requests.get(f"{server.url}/datastore/label/info", params={"label": "nope", "tag": "final"},

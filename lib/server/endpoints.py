@@ -115,7 +115,10 @@ def create_session(background_tasks: BackgroundTasks, uncompress: bool = False, 
         if uncompress and not (zipfile.is_zipfile(upload.file) or _is_tar(upload.file)):
             raise RequestError(422, f"uncompress=true, but {upload.filename!r} is not a zip or tar archive")
         upload.file.seek(0)
-    return session_endpoints.create_session(background_tasks, uncompress, expiry, files)
+    try:
+        return session_endpoints.create_session(background_tasks, uncompress, expiry, files)
+    except shutil.ReadError as e:  # MONAI Label unpacks by the file's name, not its content (found by fuzzing)
+        raise RequestError(422, f"uncompress=true: cannot unpack the upload ({e}); name it .zip, .tar or .tar.gz") from e
 
 
 @router.get("/session/{session_id}", summary=f"{RBAC_USER}Get Session ID", tags=["Session"])
