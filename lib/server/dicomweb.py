@@ -216,6 +216,7 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
             folder = os.path.join(self._datastore.image_path(), uid)
             nifti = folder + ".nii.gz"
             entry = self._state.get(uid)
+            fetched = False
             present = os.path.isdir(folder) and os.listdir(folder) and os.path.exists(nifti)
             if not present or entry is None or time.time() - self._checked.get(uid, 0) > self.revalidate_s:
                 try:
@@ -235,11 +236,15 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
                         LocalDatastore.add_image(self, uid, converted, self._dicom_info(uid))
                     finally:
                         os.unlink(converted)
-                    entry = {"fingerprint": fingerprint}
+                    entry = {"fingerprint": fingerprint,
+                             "bytes": sum(folder_bytes(p) for p in self._series_files(uid) if os.path.exists(p))}
+                    fetched = True
             with self._state_lock:
                 self._state[uid] = {**entry, "used": time.time()}
-                self._save_state()
-        self._evict(keep=uid)
+                if fetched:
+                    self._save_state()  # a click only refreshes `used` in memory: no file write per click
+        if fetched:
+            self._evict(keep=uid)  # only a download grows the cache
         return nifti if self._convert_to_nifti else folder
 
     def _series_files(self, uid: str) -> list[str]:
@@ -259,7 +264,8 @@ class GuardedDICOMWebDatastore(DICOMWebDatastore):
             self._evict_locked(keep)
 
     def _evict_locked(self, keep: str) -> None:
-        sizes = {uid: sum(folder_bytes(p) for p in self._series_files(uid) if os.path.exists(p)) for uid in self._state}
+        # Sizes as measured at download (a final label fetched later is not counted: SEGs are small).
+        sizes = {uid: entry.get("bytes", 0) for uid, entry in self._state.items()}
         total = sum(sizes.values())
         for uid in sorted(self._state, key=lambda u: self._state[u].get("used", 0)):
             if total <= self.cache_bytes:
