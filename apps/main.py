@@ -19,6 +19,7 @@ from lib.core.errors import bad_request  # noqa: E402
 from lib.core.settings import load_settings, resolve_path  # noqa: E402
 from lib.server.datastore import GuardedLocalDatastore  # noqa: E402
 from lib.server.inference import server_stats  # noqa: E402
+from lib.server.retraining import RetrainTriggers  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class PromptableSAMApp(MONAILabelApp):
         # MONAI Label runs every scoring method after each saved label and Next Sample; ours run whole-volume models,
         # so they run when asked (POST /scoring/...), and a Next Sample scores what it needs itself.
         self._auto_update_scoring = False
+        self.retraining = RetrainTriggers(lambda: self._trainers, self.datastore, lambda: list(self._scoring_methods),
+                                          settings["retrain_after_new_labels"])
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
@@ -88,7 +91,12 @@ class PromptableSAMApp(MONAILabelApp):
         meta["caches"] = self.served.cache_stats()
         meta["runtimes"] = self.served.runtimes()
         meta["server"] = server_stats()
+        meta["active_learning"] = self.retraining.status()
         return meta
+
+    def on_save_label(self, image_id, label_id):
+        self.retraining.label_saved(image_id)
+        return super().on_save_label(image_id, label_id)
 
     def init_infers(self):
         infers = {}

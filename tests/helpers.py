@@ -51,7 +51,9 @@ class Server:
         self.studies = studies
         self.asgi = asgi  # None: MONAI Label's own ASGI app (the benchmarks' no-op reference)
         self.app = app
-        self.conf = {"runtime_cache_dir": RUNTIME_CACHE, **(conf or {})}
+        # Retraining by itself is off unless a test turns it on: a test that saves labels after training a label
+        # must not find another run started under it.
+        self.conf = {"runtime_cache_dir": RUNTIME_CACHE, "retrain_after_new_labels": 0, **(conf or {})}
         self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -90,6 +92,10 @@ class Server:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
+            import psutil
+
+            for child in psutil.Process(self.process.pid).children(recursive=True):  # training, scoring runs
+                child.kill()
             self.process.terminate()
             try:
                 self.process.wait(timeout=20)
@@ -115,14 +121,14 @@ def copy_sample_data(destination: str) -> str:
     return destination
 
 
-def start_on_sample_data(root, prepare=None) -> Server:
+def start_on_sample_data(root, prepare=None, conf: dict | None = None) -> Server:
     """A server on a fresh copy of the sample data under `root`, with its models (learned prompts, adapters)
     in `root`/model; `prepare(studies)` may add files to the copy first."""
     studies = copy_sample_data(os.path.join(str(root), "studies"))
     if prepare:
         prepare(studies)
     return Server(studies, os.path.join(str(root), "server.log"),
-                  conf={"models_dir": os.path.join(str(root), "model")}).start()
+                  conf={"models_dir": os.path.join(str(root), "model"), **(conf or {})}).start()
 
 
 def server_info(server: Server) -> dict:

@@ -60,7 +60,8 @@ def partial_labels(studies: str) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_on_sample_data(tmp_path_factory.mktemp("active_learning"), prepare=partial_labels)
+    srv = start_on_sample_data(tmp_path_factory.mktemp("active_learning"), prepare=partial_labels,
+                               conf={"retrain_after_new_labels": 2})
     yield srv
     srv.stop()
 
@@ -166,3 +167,80 @@ def test_after_training_scores_are_kept_and_the_slice_is_where_the_model_is_unsu
     assert not set(two_labelled_slices()) & {int(k) for k in per_slice}
     # Measured on the whole volume: slice 94 (score 0.76), past the putamen's end (61-87), where the model draws it
     # too. Whether this rule beats random and evenly spaced slices is for benchmarks/bench_active_learning.py.
+
+
+def save_putamen_slices(server, slices: list[int], tmp_path) -> None:
+    """What a client saves after labelling: Colin27's final label with the putamen on these slices."""
+    image = nib.load(os.path.join(server.studies, "colin27_t1.nii.gz"))
+    label = np.zeros(image.shape, np.uint8)
+    for k in slices:
+        label[:, :, k] = full_putamen()[:, :, k] * PUTAMEN_L
+    path = str(tmp_path / f"label_{len(slices)}.nii.gz")
+    nib.save(nib.Nifti1Image(label, image.affine), path)
+    with open(path, "rb") as f:
+        response = requests.put(f"{server.url}/datastore/label", params={"image": "colin27_t1", "tag": "final"},
+                                files={"label": ("label.nii.gz", f)}, timeout=120)
+    assert response.status_code == 200, response.text
+
+
+def label_status(server) -> dict:
+    return server_info(server)["active_learning"]["labels"][MODEL]["Putamen_L"]
+
+
+def wait_for(condition, timeout: float, what: str, server):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"{what} did not happen in {timeout}s; server log:\n{server.tail()}")
+
+
+def train_tasks(server) -> list[dict]:
+    tasks = requests.get(f"{server.url}/train/", params={"all": True}, timeout=30).json()
+    return tasks if isinstance(tasks, list) else [tasks]
+
+
+def test_new_labels_retrain_the_label_once(server, tmp_path):
+    """retrain_after_new_labels is 2: one new labelled slice does nothing, the second starts the label's training
+    with its last run's parameters, once; the retrained model learned from the new slices, and /info says so."""
+    if "Putamen_L" not in server_info(server)["models"][f"{MODEL}_auto"]["learned_labels"]:
+        start_training(server, MODEL, {"label": "Putamen_L", "label_value": PUTAMEN_L, "slices": 2})
+        assert wait_for_training(server, MODEL)[0]["status"] == "DONE"
+    labelled = two_labelled_slices()
+    status = wait_for(lambda: server_info(server)["active_learning"]["labels"].get(MODEL, {}).get("Putamen_L"),
+                      120, "the label's status in /info", server)
+    assert status["labelled_slices"] == 2 and status["labelled_slices_at_training"] == 2, status
+    assert status["retrain_pending"] is False and status["validation"] is not None
+    runs_before, trained_at = len(train_tasks(server)), status["trained_at"]
+
+    extent = putamen_slices()
+    first, second = extent[2], extent[-3]  # two new slices, one near each end
+    save_putamen_slices(server, labelled + [first], tmp_path)
+    status = wait_for(lambda: (s := label_status(server))["labelled_slices"] == 3 and s, 120, "the count", server)
+    assert status["new_since_training"] == 1 and status["retrain_pending"] is False, status
+    assert len(train_tasks(server)) == runs_before
+
+    save_putamen_slices(server, labelled + [first, second], tmp_path)
+    status = wait_for(lambda: (s := label_status(server))["labelled_slices"] == 4 and s, 120, "the count", server)
+    assert status["retrain_pending"] is True, status
+    assert len(train_tasks(server)) == runs_before + 1
+    task = wait_for(lambda: (t := train_tasks(server)[-1])["status"] not in ("SUBMITTED", "RUNNING") and t, 900,
+                    "the retrain", server)
+    assert task["status"] == "DONE", task
+    assert task["request"]["label"] == "Putamen_L" and task["request"]["slices"] == 3  # all labelled but one
+
+    status = wait_for(lambda: (s := label_status(server))["trained_at"] != trained_at and s, 120, "publishing",
+                      server)
+    assert status["labelled_slices_at_training"] == 4 and status["trained_on_slices"] == 3, status
+    assert status["new_since_training"] == 0 and status["retrain"]["status"] == "DONE"
+    assert status["validation"]["held_out_slices"] == 1
+    meta = requests.get(f"{server.url}/info/", timeout=30).json()["models"][f"{MODEL}_auto"]["learned_labels"]
+    assert "Putamen_L" in meta
+
+    # Saving the same label again adds no labelled slice: nothing more runs.
+    save_putamen_slices(server, labelled + [first, second], tmp_path)
+    time.sleep(5)
+    assert len(train_tasks(server)) == runs_before + 1
+    assert label_status(server)["retrain_pending"] is False

@@ -11,6 +11,7 @@ labelled already, and the rules used while no model exists for the label yet.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -41,6 +42,11 @@ def unlabelled_images(datastore, value: int | None) -> list[str]:
     return out
 
 
+def slices_holding(mask: np.ndarray, axis: int) -> list[int]:
+    """The slices along `axis` of a 3D boolean mask that hold any of it."""
+    return np.nonzero(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).any(1))[0].tolist()
+
+
 def labelled_slices(datastore, image_id: str, value: int | None, axis: int) -> list[int]:
     """The slices along `axis` of an image's final label that hold `value`."""
     path = final_label_path(datastore, image_id)
@@ -49,7 +55,50 @@ def labelled_slices(datastore, image_id: str, value: int | None, axis: int) -> l
     mask = label_mask(path, value)
     if mask.ndim != 3:
         return []
-    return np.nonzero(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).any(1))[0].tolist()
+    return slices_holding(mask, axis)
+
+
+class LabelledSlices:
+    """How many slices of the datastore's final labels hold each label value, along an axis (a 2D label counts as
+    one slice): what retraining triggers and /info count. Each label file is read once per change (keyed by its
+    path, size and modification time)."""
+
+    def __init__(self):
+        self._cache: dict[tuple, dict[int, list[int]]] = {}
+        self._lock = threading.Lock()
+
+    def per_image(self, datastore, value: int, axis: int) -> dict[str, list[int]]:
+        """{image id: [slices holding value]} over the images whose final label holds it."""
+        out = {}
+        for image_id in sorted(datastore.get_labeled_images("final")):
+            slices = self._slices(final_label_path(datastore, image_id), axis).get(int(value))
+            if slices:
+                out[image_id] = slices
+        return out
+
+    def _slices(self, path: str, axis: int) -> dict[int, list[int]]:
+        if not path:
+            return {}
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns, axis)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        array = load_image(path).array[0].numpy().round().astype(np.int64)
+        if array.ndim == 3:
+            stack = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
+            found: dict[int, list[int]] = {}
+            for k, row in enumerate(stack):
+                for value in np.unique(row):
+                    if value:
+                        found.setdefault(int(value), []).append(k)
+        else:
+            found = {int(v): [0] for v in np.unique(array) if v}
+        with self._lock:
+            for old in [k for k in self._cache if k[0] == path]:
+                del self._cache[old]
+            self._cache[key] = found
+        return found
 
 
 def image_size(datastore, image_id: str) -> tuple[int, ...]:

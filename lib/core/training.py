@@ -14,6 +14,7 @@ import torch
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.core import requests
+from lib.core.active_learning import slices_holding
 from lib.core.cache import LRUCache
 from lib.core.errors import RequestError
 from lib.core.backbone import SamEncoding
@@ -74,6 +75,13 @@ def label_value_for(name: str, request: dict, datastore, image_ids: list[str]) -
         raise TrainingRequestError(f"no saved label names {name!r}: give its voxel value as 'label_value'")
     value = next(iter(named.values()))
     return value, [i for i, v in named.items() if v == value]
+
+
+def count_labelled_slices(cases: list[tuple[str, str]], value: int, axis: int | None) -> int:
+    """The slices along `axis` of the cases' labels that hold `value` (a 2D label: one), as the server counts them
+    for retraining (lib.core.active_learning.LabelledSlices)."""
+    return sum(1 if is_2d or axis is None else len(slices_holding(mask, axis))
+               for _, _, mask, is_2d in labelled_volumes(cases, value))
 
 
 def labelled_volumes(cases: list[tuple[str, str]], value: int):
@@ -168,6 +176,18 @@ class LabelTrainTask(BasicTrainTask):
             self._write_stats({"status": "failed", "label": request.get("label"), "error": str(e)})
             logger.error(f"{self.method} failed: {e}")
             raise
+
+    # -- retraining (lib/server/retraining.py) ----------------------------------------------------------------
+    def retrain_info(self, request: dict, labelled_slices: int) -> dict:
+        """What a published result keeps so that the server can run it again by itself when new labels come: the
+        run's own fields (this task's config keys) and how many labelled slices the datastore had for the label."""
+        params = {k: request[k] for k in self._config if k in request and k != "multi_gpu"}
+        return {"params": {**params, "label": request["label"], "label_value": request["label_value"]},
+                "axis": request.get("axis", 2), "labelled_slices": int(labelled_slices)}
+
+    def retrain_params(self, retrain: dict, labelled_slices: int) -> dict:
+        """The request of a retrain: the last run's own (a method may learn from more of the new labels)."""
+        return dict(retrain["params"])
 
     # -- BasicTrainTask hooks both methods leave empty ---------------------------------------------------------
     def partition_datalist(self, context: Context, shuffle=False):

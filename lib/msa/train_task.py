@@ -35,8 +35,9 @@ from lib.core.requests import parse_flag
 from lib.models.sam.adapters import AdapterSettings, adapter_state, parameter_counts
 from lib.core.images import load_image
 from lib.core.stores import LabelStore
-from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, evenly_spread, foreground_slices,
-                         int_field, labelled_cases, labelled_volumes, number_field)
+from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, count_labelled_slices,
+                               evenly_spread, foreground_slices, int_field, labelled_cases, labelled_volumes,
+                               number_field)
 from lib.msa.learner import AdapterLearner, AdapterTrainingSettings
 from lib.core.losses import segmentation_loss
 
@@ -120,7 +121,8 @@ class MSATrainTask(LabelTrainTask):
         if not any(p.role == "train" for p in plan):
             raise TrainingRequestError(f"no final label has voxels of {name!r} (value {value})")
         request.update(label=name, label_value=value, max_epochs=training.epochs, adapters=asdict(adapters),
-                       training=asdict(training))
+                       training=asdict(training),
+                       labelled_slices=count_labelled_slices(cases, value, axis))
         logger.info(f"MSA {name!r} (value {value}): {sum(p.role == 'train' for p in plan)} training slices, "
                     f"{sum(p.role == 'validation' for p in plan)} held out")
         return [asdict(p) for p in plan]
@@ -214,6 +216,7 @@ class MSATrainTask(LabelTrainTask):
             "prepare_seconds": round(context.prepare_seconds, 1), "train_seconds": round(train_seconds, 1),
             "seconds_per_epoch": round(train_seconds / learner.settings.epochs, 2),
             "validation": validation, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "retrain": self.retrain_info(request, request["labelled_slices"]),
         }
         self.store.save(request["label"], state, info)
         self._write_stats({"status": "done", "label": request["label"],

@@ -30,6 +30,18 @@ from lib.core.training import named_value
 logger = logging.getLogger(__name__)
 
 SCORE_KEY = "uncertainty"
+ASKED_KEY = "asked"
+
+
+def next_uncertain_slice(scores: dict[int, float], excluded) -> tuple[int, float] | None:
+    """The slice with the highest uncertainty score that is not excluded (labelled, or asked before); ties: the
+    lower index. None when no scored slice is left."""
+    excluded = set(int(k) for k in excluded)
+    free = {int(k): u for k, u in scores.items() if int(k) not in excluded}
+    if not free:
+        return None
+    k = max(sorted(free), key=lambda s: free[s])
+    return k, free[k]
 
 
 class SAMautoScores:
@@ -164,20 +176,37 @@ class UncertainSlice(Strategy):
         learned_axis = self.scores.meta(label).get("axis") if label else None
         axis = int(learned_axis) if learned_axis is not None else integer(request, "axis", 2, 0, 2)
         labelled = rules.labelled_slices(datastore, image_id, value, axis)
-        answer = {"id": image_id, "axis": axis, "label": label, "labelled_slices": labelled}
+        asked = [k for k in asked_slices(datastore, image_id, label, axis) if k not in labelled]
+        answer = {"id": image_id, "axis": axis, "label": label, "labelled_slices": labelled, "asked_before": asked}
         if self.scores.has_model(label):
             entry = self.scores.score(datastore, image_id, label)
-            free = {int(k): u for k, u in entry["slices"].items() if int(k) not in labelled}
-            if free:
-                k = max(sorted(free), key=lambda s: free[s])
-                return {**answer, "slice": k, "score": free[k],
+            chosen = next_uncertain_slice({int(k): u for k, u in entry["slices"].items()}, labelled + asked)
+            if chosen:
+                remember_asked(datastore, image_id, label, axis, chosen[0])
+                return {**answer, "slice": chosen[0], "score": chosen[1],
                         "reason": "the slice where the model's coarse and refined masks disagree most"}
         volume = load_image(datastore.get_image_uri(image_id)).array[0].numpy()
         if volume.ndim != 3:
             raise bad_request(f"{image_id!r} is a 2D image: there is no slice to choose")
-        k = rules.widest_spread_slice(labelled, rules.content_slices(volume, axis))
+        k = rules.widest_spread_slice(labelled + asked, rules.content_slices(volume, axis))
+        remember_asked(datastore, image_id, label, axis, k)
         return {**answer, "slice": k, "reason": "the slice farthest from the labelled ones"
                 + ("" if self.scores.has_model(label) else " (no automatic model for this label yet)")}
+
+
+def asked_slices(datastore, image_id: str, label: str | None, axis: int) -> list[int]:
+    """The slices Next Sample handed out before for this label and axis (kept in the image info, `asked.<label>`):
+    a saved final label cannot say "not here", so a slice handed out and left unlabelled is not handed out again."""
+    entry = (datastore.get_image_info(image_id) or {}).get(ASKED_KEY, {}).get(label or "", {})
+    return [int(k) for k in entry.get(str(axis), [])]
+
+
+def remember_asked(datastore, image_id: str, label: str | None, axis: int, k: int) -> None:
+    asked = dict((datastore.get_image_info(image_id) or {}).get(ASKED_KEY, {}))
+    per_axis = dict(asked.get(label or "", {}))
+    per_axis[str(axis)] = sorted(set(per_axis.get(str(axis), [])) | {int(k)})
+    asked[label or ""] = per_axis
+    datastore.update_image_info(image_id, {ASKED_KEY: asked})
 
 
 class UncertaintyScoring(ScoringMethod):

@@ -34,8 +34,8 @@ from lib.core.cache import EmbeddingKey, LRUCache
 from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor
 from lib.core.requests import parse_flag
 from lib.core.stores import LabelStore
-from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, evenly_spread, foreground_slices,
-                         int_field, labelled_cases, labelled_volumes, number_field)
+from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, count_labelled_slices,
+                               evenly_spread, foreground_slices, int_field, labelled_cases, labelled_volumes, number_field)
 from lib.sammed.sapnet import SAPNetLearner
 from lib.core.losses import segmentation_loss
 from lib.sammed.samassist import PromptEncoderLearner, PromptLearningSettings, select_training_slices, state_dict_of
@@ -90,6 +90,13 @@ class SAMassistTrainTask(LabelTrainTask):
         super().__init__(model_dir, description, config, model_factory, store, device, modality, ct_window,
                          predictor_settings, encoder_runtime, runtime_cache_dir)
 
+    def retrain_params(self, retrain: dict, labelled_slices: int) -> dict:
+        """New labels are for learning: a retrain trains on every labelled slice but one (up to MAX_SLICES), the one
+        left over validates; never on fewer slices than the last run."""
+        params = dict(retrain["params"])
+        params["slices"] = min(MAX_SLICES, max(int(params.get("slices") or 2), labelled_slices - 1))
+        return params
+
     # -- request -> plan ---------------------------------------------------------------------------------------
     def learning_settings(self, request: dict) -> PromptLearningSettings:
         try:
@@ -109,7 +116,8 @@ class SAMassistTrainTask(LabelTrainTask):
                            np.random.default_rng(settings.seed))
         if not any(p.role == "train" for p in plan):
             raise TrainingRequestError(f"no final label has voxels of {name!r} (value {value})")
-        request.update(label=name, label_value=value, max_epochs=settings.iterations, learning=asdict(settings))
+        request.update(label=name, label_value=value, max_epochs=settings.iterations, learning=asdict(settings),
+                       labelled_slices=count_labelled_slices(cases, value, axis))
         logger.info(f"SAMassist {name!r} (value {value}): training on "
                     f"{[(os.path.basename(p.image), p.index) for p in plan if p.role == 'train']}, validating on "
                     f"{sum(p.role == 'validation' for p in plan)} other slices")
@@ -191,6 +199,7 @@ class SAMassistTrainTask(LabelTrainTask):
             "num_slices": len(context.train_datalist), "iterations": learner.settings.iterations,
             "final_loss": round(context.losses[-1], 5), "train_seconds": round(train_seconds, 1),
             "validation": validation, "auto": auto, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "retrain": self.retrain_info(request, request["labelled_slices"]),
         }
         self.store.save(request["label"], learned_state, info, extra)
         self._write_stats({"status": "done", "label": request["label"], "total_steps": engine.state.max_epochs,
