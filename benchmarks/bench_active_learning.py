@@ -55,7 +55,7 @@ from lib.sammed.active_learning import next_uncertain_slice  # noqa: E402
 from lib.sammed.auto_segment import AutoSegmentSettings, auto_segment  # noqa: E402
 from lib.sammed.samassist import select_training_slices  # noqa: E402
 from lib.sammed.sapnet import SAPNetLearner, load_sapnet  # noqa: E402
-from lib.sammed.uncertainty import slice_disagreement  # noqa: E402
+from lib.sammed.uncertainty import disagreeing_pixels  # noqa: E402
 
 SAMPLE = os.path.join(REPO, "sample-data")
 STRUCTURES = ("Putamen_L", "Hippocampus_L", "Insula_L", "Precuneus_L", "Cerebelum_6_L", "Vermis_4_5")
@@ -108,38 +108,47 @@ def segment(model, net, study: Study, annotated: dict):
                         annotated=annotated)
 
 
+def _step(model, colin: Study, mni: Study | None, value: int, truth, labelled, asked, annotated, asked_at_end):
+    """Retrain on the labelled slices, segment the volume: (SAMauto's result, the step's scores)."""
+    net, train_s = train_sapnet(model, colin, truth, labelled)
+    t0 = time.perf_counter()
+    result = segment(model, net, colin, annotated)
+    infer_s = time.perf_counter() - t0
+    predicted = result.labels > 0
+    held_out = np.setdiff1d(np.arange(len(truth)), labelled)
+    step = {"asked": len(asked), "labelled": len(labelled), "slices": list(asked),
+            "dice": round(dice(predicted, truth), 4),
+            "dice_unlabelled_slices": round(dice(predicted[held_out], truth[held_out]), 4),
+            # the second study at the first and last step only: a whole extra volume per step
+            "dice_second_study": (round(dice(segment(model, net, mni, {}).labels > 0, mni.truth(value)), 4)
+                                  if mni is not None and len(asked) in (START, asked_at_end) else None),
+            "train_s": round(train_s, 2), "segment_s": round(infer_s, 2)}
+    return result, step
+
+
 def simulate(model, colin: Study, mni: Study | None, value: int, policy: str, seed: int | None,
-             asked_at_end: int = ASKED) -> dict:
-    """One labelling session; mni None: no second study."""
+             asked_at_end: int = ASKED, first_steps: dict | None = None) -> dict:
+    """One labelling session; mni None: no second study. `first_steps`: shared between the sessions of one
+    structure, which all start from the same slices (SAP-Net's training is seeded): the first step is run once."""
     truth = colin.truth(value)
     extent = np.nonzero(truth.reshape(len(truth), -1).any(1))[0].tolist()
     start = select_training_slices(truth.transpose(1, 2, 0), 2, START, np.random.default_rng(0))
     rng = np.random.default_rng(seed)
     asked, labelled, steps = list(start), list(start), []
     while True:
-        net, train_s = train_sapnet(model, colin, truth, labelled)
-        t0 = time.perf_counter()
         annotated = {k: truth[k] for k in labelled}
-        result = segment(model, net, colin, annotated)
-        infer_s = time.perf_counter() - t0
-        predicted = result.labels > 0
-        held_out = np.setdiff1d(np.arange(len(truth)), labelled)
-        steps.append({"asked": len(asked), "labelled": len(labelled), "slices": list(asked),
-                      "dice": round(dice(predicted, truth), 4),
-                      "dice_unlabelled_slices": round(dice(predicted[held_out], truth[held_out]), 4),
-                      # the second study at the first and last step only: a whole extra volume per step
-                      "dice_second_study": (round(dice(segment(model, net, mni, {}).labels > 0, mni.truth(value)), 4)
-                                            if mni is not None and len(asked) in (START, asked_at_end) else None),
-                      "train_s": round(train_s, 2), "segment_s": round(infer_s, 2)})
+        if first_steps is not None and len(asked) == START and value in first_steps:
+            result, step = first_steps[value]
+            steps.append(step)
+        else:
+            result, step = _step(model, colin, mni, value, truth, labelled, asked, annotated, asked_at_end)
+            steps.append(step)
+            if first_steps is not None and len(asked) == START:
+                first_steps[value] = result, step
         if len(asked) >= asked_at_end:
             break
         if policy == "uncertainty (served)":
-            scores = slice_disagreement(result.coarse, result.labels, annotated)
-            chosen = next_uncertain_slice(scores, asked)
-            k = chosen[0] if chosen else widest_spread_slice(asked, list(range(len(truth))))
-        elif policy in CANDIDATES:
-            scores = CANDIDATES[policy](result.coarse, result.labels > 0, annotated, asked)
-            chosen = next_uncertain_slice(scores, asked)
+            chosen = next_uncertain_slice(disagreeing_pixels(result.coarse, result.labels, annotated), asked)
             k = chosen[0] if chosen else widest_spread_slice(asked, list(range(len(truth))))
         elif policy == "random":
             k = int(rng.choice([s for s in extent if s not in asked]))
@@ -151,24 +160,6 @@ def simulate(model, colin: Study, mni: Study | None, value: int, policy: str, se
         if truth[k].any():
             labelled.append(int(k))
     return {"policy": policy, "seed": seed, "extent": [extent[0], extent[-1]], "start": start, "steps": steps}
-
-
-def _xor(coarse, refined, annotated, asked):
-    return {k: float((coarse[k] ^ refined[k]).sum()) for k in range(len(coarse)) if refined[k].any() and k not in annotated}
-
-
-def _distance(asked, k):
-    return min(abs(k - a) for a in asked)
-
-
-CANDIDATES = {
-    "xor voxels": _xor,
-    "xor x distance": lambda c, r, an, asked: {k: v * _distance(asked, k) for k, v in _xor(c, r, an, asked).items()},
-    "1-dice x distance": lambda c, r, an, asked: {k: v * _distance(asked, k)
-                                                  for k, v in slice_disagreement(c, r, an).items()},
-    "refined voxels x distance": lambda c, r, an, asked: {k: float(r[k].sum()) * _distance(asked, k)
-                                                          for k in range(len(c)) if r[k].any() and k not in an},
-}
 
 
 def slices_to_reach(steps: list[dict], target: float) -> int | None:
@@ -253,11 +244,12 @@ def main() -> None:
     with open(os.path.join(SAMPLE, "labels", "colin27_aal_names.json")) as f:
         values = {name: int(v) for v, name in json.load(f).items()}
     structures = [s.strip() for s in args.structures.split(",") if s.strip()]
-    runs = []
+    runs, first_steps = [], {}
     for structure in structures:
         for policy in [p.strip() for p in args.policies.split(",")]:
             for seed in ([int(v) for v in args.seeds.split(",")] if policy == "random" else [None]):
-                run = {"structure": structure, **simulate(model, colin, mni, values[structure], policy, seed)}
+                run = {"structure": structure, **simulate(model, colin, mni, values[structure], policy, seed,
+                                                               first_steps=first_steps)}
                 runs.append(run)
                 print(json.dumps({k: v for k, v in run.items() if k != "steps"}),
                       [s["dice"] for s in run["steps"]], run["steps"][-1]["slices"], flush=True)

@@ -15,7 +15,7 @@ import requests
 
 from helpers import SAMPLE_DATA, server_info, start_on_sample_data, start_training, wait_for_training
 from lib.core.active_learning import widest_spread_slice
-from lib.sammed.uncertainty import image_uncertainty, slice_disagreement
+from lib.sammed.uncertainty import disagreeing_pixels, image_uncertainty, slice_disagreement
 
 MODEL = "litemedsam"
 PUTAMEN_L = 73  # AAL value
@@ -90,6 +90,53 @@ def test_disagreement_between_coarse_and_refined_masks():
     assert scores == {0: 0.0, 1: 1.0}
     assert image_uncertainty(scores) == pytest.approx(0.5, abs=1e-4)
     assert image_uncertainty({}) == 1.0  # the model finds the structure nowhere
+    # Slices are ranked by the disputed pixels: a big slice half wrong outranks a tiny one all wrong.
+    assert disagreeing_pixels(coarse, refined, annotated=[3]) == {0: 0, 1: 64}
+    coarse[2, :2], refined[2, :1], refined[2, 4:] = False, True, True  # 8 of 40 refined pixels disputed
+    coarse[2, 4:] = True
+    coarse[1], refined[1] = False, False
+    coarse[1, 0, 0], refined[1, 0, 1] = True, True  # 2 disputed pixels: 1 − Dice = 1
+    assert slice_disagreement(coarse, refined)[1] > slice_disagreement(coarse, refined)[2]
+    assert disagreeing_pixels(coarse, refined)[2] > disagreeing_pixels(coarse, refined)[1]
+
+
+# Measured (2026-12-03, this CPU, OpenVINO bf16): SAMauto volume Dice on the slab after 2 added slices, served
+# strategy 0.718; random 0.537, 0.628, 0.728 (mean 0.631); evenly spaced 0.576. The margin asserted is 0.05, about
+# half the measured 0.087: the runs are seeded, but a CPU with other bf16 kernels moves each curve by a few hundredths.
+# Putamen_L was measured first and does not separate the policies: from 2 slices it is already at 0.79, and 2 more
+# gave 0.819 served against 0.804-0.859 random (mean 0.824); the README's benchmark reports such cases too.
+BEATS_RANDOM_SLAB, HIPPOCAMPUS_L, BEATS_RANDOM_MARGIN = (40, 90), 37, 0.05
+
+
+def test_the_slice_strategy_beats_random_slices(capsys):
+    """The simulated session of benchmarks/bench_active_learning.py on a small fixed case: a 50-slice slab of
+    Colin27 holding the left hippocampus (axial 44-83 of 181: long and thin, where 2 slices leave room to learn),
+    taught from the same 2 slices, then 2 slices added, chosen by the served slice strategy or at random within the
+    structure's true extent (3 seeds); SAP-Net retrained after each, as the train task does."""
+    import torch
+
+    from benchmarks.bench_active_learning import Study, simulate
+    from helpers import RUNTIME_CACHE
+    from lib.core.backbone import SamEncoding
+    from lib.core.runtime import FrozenForward, resolve_runtime
+    from lib.models.sam import build_litemedsam
+
+    model = build_litemedsam().eval()
+    encode = FrozenForward(SamEncoding(model), resolve_runtime("auto", torch.device("cpu")), RUNTIME_CACHE)
+    labels = np.asarray(nib.load(os.path.join(SAMPLE_DATA, "labels", "final", "colin27_t1.nii.gz")).dataobj)
+    study = Study(os.path.join(SAMPLE_DATA, "colin27_t1.nii.gz"), labels.round().astype(np.int32), encode,
+                  slab=BEATS_RANDOM_SLAB)
+    first_steps = {}
+    runs = [simulate(model, study, None, HIPPOCAMPUS_L, policy, seed, asked_at_end=4, first_steps=first_steps)
+            for policy, seed in [("uncertainty (served)", None), ("random", 0), ("random", 1), ("random", 2)]]
+    with capsys.disabled():
+        for run in runs:
+            print(run["policy"], run["seed"], "asked", run["steps"][-1]["slices"], "Dice",
+                  [s["dice"] for s in run["steps"]])
+    served = runs[0]["steps"][-1]["dice"]
+    random_mean = float(np.mean([run["steps"][-1]["dice"] for run in runs[1:]]))
+    assert runs[0]["steps"][0]["dice"] == runs[1]["steps"][0]["dice"]  # the same start
+    assert served >= random_mean + BEATS_RANDOM_MARGIN, (served, random_mean)
 
 
 # ---- through the server ----------------------------------------------------------------------------------------

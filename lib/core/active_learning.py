@@ -64,21 +64,24 @@ class LabelledSlices:
     path, size and modification time)."""
 
     def __init__(self):
-        self._cache: dict[tuple, dict[int, list[int]]] = {}
+        self._cache: dict[tuple, tuple[bool, dict[int, list[int]]]] = {}
         self._lock = threading.Lock()
 
-    def per_image(self, datastore, value: int, axis: int) -> dict[str, list[int]]:
-        """{image id: [slices holding value]} over the images whose final label holds it."""
+    def per_image(self, datastore, value: int, axis: int, is_2d: bool | None = None) -> dict[str, list[int]]:
+        """{image id: [slices holding value]} over the images whose final label holds it; is_2d: of that kind of
+        image only (a value can mean one thing in 3D labels and another in 2D ones, e.g. an instance id)."""
         out = {}
         for image_id in sorted(datastore.get_labeled_images("final")):
-            slices = self._slices(final_label_path(datastore, image_id), axis).get(int(value))
-            if slices:
+            label_is_2d, found = self._slices(final_label_path(datastore, image_id), axis)
+            slices = found.get(int(value))
+            if slices and is_2d in (None, label_is_2d):
                 out[image_id] = slices
         return out
 
-    def _slices(self, path: str, axis: int) -> dict[int, list[int]]:
+    def _slices(self, path: str, axis: int) -> tuple[bool | None, dict[int, list[int]]]:
+        """(whether the label is 2D, {value: [slices holding it]})."""
         if not path:
-            return {}
+            return None, {}
         stat = os.stat(path)
         key = (path, stat.st_size, stat.st_mtime_ns, axis)
         with self._lock:
@@ -97,8 +100,8 @@ class LabelledSlices:
         with self._lock:
             for old in [k for k in self._cache if k[0] == path]:
                 del self._cache[old]
-            self._cache[key] = found
-        return found
+            self._cache[key] = array.ndim != 3, found
+        return array.ndim != 3, found
 
 
 def image_size(datastore, image_id: str) -> tuple[int, ...]:

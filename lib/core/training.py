@@ -77,11 +77,15 @@ def label_value_for(name: str, request: dict, datastore, image_ids: list[str]) -
     return value, [i for i, v in named.items() if v == value]
 
 
-def count_labelled_slices(cases: list[tuple[str, str]], value: int, axis: int | None) -> int:
-    """The slices along `axis` of the cases' labels that hold `value` (a 2D label: one), as the server counts them
-    for retraining (lib.core.active_learning.LabelledSlices)."""
-    return sum(1 if is_2d or axis is None else len(slices_holding(mask, axis))
-               for _, _, mask, is_2d in labelled_volumes(cases, value))
+def count_labelled_slices(cases: list[tuple[str, str]], value: int, axis: int | None) -> dict:
+    """{"labelled_slices": the slices along `axis` of the cases' labels that hold `value` (a 2D label: one),
+    "labelled_2d": whether those are 2D images}, of the one kind of image the training reads (labelled_volumes),
+    as the server counts them for retraining (lib.core.active_learning.LabelledSlices)."""
+    count, kind = 0, None
+    for _, _, mask, is_2d in labelled_volumes(cases, value):
+        count += 1 if is_2d or axis is None else len(slices_holding(mask, axis))
+        kind = is_2d
+    return {"labelled_slices": count, "labelled_2d": kind}
 
 
 def labelled_volumes(cases: list[tuple[str, str]], value: int):
@@ -178,12 +182,14 @@ class LabelTrainTask(BasicTrainTask):
             raise
 
     # -- retraining (lib/server/retraining.py) ----------------------------------------------------------------
-    def retrain_info(self, request: dict, labelled_slices: int) -> dict:
+    def retrain_info(self, request: dict) -> dict:
         """What a published result keeps so that the server can run it again by itself when new labels come: the
-        run's own fields (this task's config keys) and how many labelled slices the datastore had for the label."""
+        run's own fields (this task's config keys) and how many labelled slices, of which kind of image, the
+        datastore had for the label (count_labelled_slices, put in the request by pre_process)."""
         params = {k: request[k] for k in self._config if k in request and k != "multi_gpu"}
         return {"params": {**params, "label": request["label"], "label_value": request["label_value"]},
-                "axis": request.get("axis", 2), "labelled_slices": int(labelled_slices)}
+                "axis": request.get("axis", 2), "labelled_slices": int(request["labelled_slices"]),
+                "labelled_2d": request["labelled_2d"]}
 
     def retrain_params(self, retrain: dict, labelled_slices: int) -> dict:
         """The request of a retrain: the last run's own (a method may learn from more of the new labels)."""

@@ -122,7 +122,7 @@ class MSATrainTask(LabelTrainTask):
             raise TrainingRequestError(f"no final label has voxels of {name!r} (value {value})")
         request.update(label=name, label_value=value, max_epochs=training.epochs, adapters=asdict(adapters),
                        training=asdict(training),
-                       labelled_slices=count_labelled_slices(cases, value, axis))
+                       **count_labelled_slices(cases, value, axis))
         logger.info(f"MSA {name!r} (value {value}): {sum(p.role == 'train' for p in plan)} training slices, "
                     f"{sum(p.role == 'validation' for p in plan)} held out")
         return [asdict(p) for p in plan]
@@ -216,7 +216,7 @@ class MSATrainTask(LabelTrainTask):
             "prepare_seconds": round(context.prepare_seconds, 1), "train_seconds": round(train_seconds, 1),
             "seconds_per_epoch": round(train_seconds / learner.settings.epochs, 2),
             "validation": validation, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "retrain": self.retrain_info(request, request["labelled_slices"]),
+            "retrain": self.retrain_info(request),
         }
         self.store.save(request["label"], state, info)
         self._write_stats({"status": "done", "label": request["label"],

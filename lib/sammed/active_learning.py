@@ -3,7 +3,8 @@ automatic model is least sure (lib/sammed/uncertainty.py), and a scoring method 
 datastore in the background.
 
 - Scores are kept in the datastore's image info, `uncertainty.<label>`: the model's stamp (the SAP-Net file's
-  version), the image's score, the axis and each slice's score. A score of an older model is not used: after a
+  version), the image's score (mean 1 − Dice of the coarse and refined masks), the axis and each slice's score
+  (the pixels where they disagree). A score of an older model, or of an older scoring rule, is not used: after a
   retrain the image is scored again.
 - Which label: the request's `label`; without one, the one label SAMauto has learned (OHIF's panel sends `{}`).
   Its voxel value: the request's `label_value`, else the learned one, else the value the team saved under that name.
@@ -30,6 +31,7 @@ from lib.core.training import named_value
 logger = logging.getLogger(__name__)
 
 SCORE_KEY = "uncertainty"
+SLICE_SCORE = "disagreeing pixels"  # what an entry's per-slice scores count; entries of another rule are stale
 ASKED_KEY = "asked"
 
 
@@ -85,7 +87,8 @@ class SAMautoScores:
 
     def stored(self, datastore, image_id: str, label: str) -> dict | None:
         entry = (datastore.get_image_info(image_id) or {}).get(SCORE_KEY, {}).get(label)
-        return entry if entry and entry.get("model") == self.stamp(label) else None
+        fresh = entry and entry.get("model") == self.stamp(label) and entry.get("slice_score") == SLICE_SCORE
+        return entry if fresh else None
 
     def compute(self, datastore, image_id: str, label: str) -> dict:
         """One SAMauto pass over the image; its scores, stored in the image's info."""
@@ -93,7 +96,7 @@ class SAMautoScores:
                                      "result_extension": ".nii.gz"})
         if path and os.path.exists(path):
             os.unlink(path)
-        entry = {"model": self.stamp(label), "axis": info["axis"], **info["uncertainty"]}
+        entry = {"model": self.stamp(label), "slice_score": SLICE_SCORE, "axis": info["axis"], **info["uncertainty"]}
         scores = dict((datastore.get_image_info(image_id) or {}).get(SCORE_KEY, {}))
         scores[label] = entry
         datastore.update_image_info(image_id, {SCORE_KEY: scores})

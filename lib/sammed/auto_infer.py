@@ -30,7 +30,7 @@ from lib.core.stores import LabelStore
 from lib.sammed.sapnet import load_sapnet
 from lib.core.transforms.geometry import Window, in_plane_axes
 from lib.core.images import write_label
-from lib.sammed.uncertainty import image_uncertainty, slice_disagreement
+from lib.sammed.uncertainty import disagreeing_pixels, image_uncertainty, slice_disagreement
 from lib.sammed.auto_segment import AutoSegmentSettings, auto_segment, stack_to_volume
 from lib.sammed.learned_prompts import load_learned_encoder
 
@@ -126,6 +126,7 @@ class SamAutoInfer(InferTask):
                               slice_range=(start, stop), annotated=annotated, progress=progress)
         volume = stack_to_volume(result.labels, axis).astype(np.uint8) * label_value
         disagreement = slice_disagreement(result.coarse, result.labels, annotated)
+        disputed = disagreeing_pixels(result.coarse, result.labels, annotated)
         path_out = write_label(volume, image, req.get("result_extension"), req.get("result_dtype"))
         info = {
             "label_names": {label: label_value}, "axis": axis, "slices": [start, stop],
@@ -134,7 +135,7 @@ class SamAutoInfer(InferTask):
             "voxels": int((volume > 0).sum()), "seconds": result.seconds,
             # What active learning ranks images and slices by (lib/sammed/uncertainty.py).
             "uncertainty": {"image": image_uncertainty(disagreement),
-                            "slices": {str(k): v for k, v in disagreement.items()}},
+                            "slices": {str(k): v for k, v in disputed.items()}},
             "latencies": {"total_ms": round((time.perf_counter() - begin) * 1000, 1)},
         }
         logger.info(f"SAMauto {label!r} on {path}: {info}")

@@ -117,7 +117,7 @@ class SAMassistTrainTask(LabelTrainTask):
         if not any(p.role == "train" for p in plan):
             raise TrainingRequestError(f"no final label has voxels of {name!r} (value {value})")
         request.update(label=name, label_value=value, max_epochs=settings.iterations, learning=asdict(settings),
-                       labelled_slices=count_labelled_slices(cases, value, axis))
+                       **count_labelled_slices(cases, value, axis))
         logger.info(f"SAMassist {name!r} (value {value}): training on "
                     f"{[(os.path.basename(p.image), p.index) for p in plan if p.role == 'train']}, validating on "
                     f"{sum(p.role == 'validation' for p in plan)} other slices")
@@ -199,7 +199,7 @@ class SAMassistTrainTask(LabelTrainTask):
             "num_slices": len(context.train_datalist), "iterations": learner.settings.iterations,
             "final_loss": round(context.losses[-1], 5), "train_seconds": round(train_seconds, 1),
             "validation": validation, "auto": auto, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "retrain": self.retrain_info(request, request["labelled_slices"]),
+            "retrain": self.retrain_info(request),
         }
         self.store.save(request["label"], learned_state, info, extra)
         self._write_stats({"status": "done", "label": request["label"], "total_steps": engine.state.max_epochs,

@@ -75,7 +75,7 @@ class RetrainTriggers:
     def _stores_changed(self) -> bool:
         # One stat per train task: a published result replaces files in its store's folder.
         return any(_mtime(task.store.root) != self._store_stamps.get(model)
-                   for model, task in self.trainers().items() if isinstance(task, LabelTrainTask))
+                   for model, task in self.trainers().items() if _retrainable(task))
 
     # -- the check ----------------------------------------------------------------------------------------------
     def _check_logged(self) -> None:
@@ -90,7 +90,7 @@ class RetrainTriggers:
         datastore = self.datastore()
         labels: dict[str, dict[str, dict]] = {}
         for model, task in sorted(self.trainers().items()):
-            if not isinstance(task, LabelTrainTask):
+            if not _retrainable(task):
                 continue
             self._store_stamps[model] = _mtime(task.store.root)
             for label, published in sorted(task.store.info().items()):
@@ -98,7 +98,8 @@ class RetrainTriggers:
                 if not retrain:  # a result from before retraining existed: trained by hand only
                     continue
                 axis = retrain.get("axis")
-                per_image = self.counter.per_image(datastore, int(published["label_value"]), int(axis or 2))
+                per_image = self.counter.per_image(datastore, int(published["label_value"]), int(axis or 2),
+                                                   retrain.get("labelled_2d"))
                 labelled = sum(len(s) for s in per_image.values())
                 status = {"label_value": published["label_value"], "labelled_slices": labelled,
                           "labelled_images": len(per_image), "trained_at": published.get("trained_at"),
@@ -148,6 +149,11 @@ class RetrainTriggers:
         task = submitted["task"]
         return {"id": task["id"], "status": task["status"], "start_ts": task.get("start_ts"),
                 "end_ts": task.get("end_ts"), "labelled_slices": submitted["labelled_slices"]}
+
+
+def _retrainable(task) -> bool:
+    # TP-DRSeg trains all its lesion classes into one model, with no label store: retrained by hand only.
+    return isinstance(task, LabelTrainTask) and task.store is not None
 
 
 def _mtime(path: str) -> int | None:
