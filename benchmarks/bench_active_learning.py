@@ -220,6 +220,19 @@ def plot(runs: list[dict], structures: list[str], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _saved_runs(path: str | None) -> list[dict]:
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["runs"]
+
+
+def _save(path: str, result: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structures", default=",".join(STRUCTURES))
@@ -228,6 +241,7 @@ def main() -> None:
     parser.add_argument("--seeds", default=",".join(map(str, RANDOM_SEEDS)))
     parser.add_argument("--json")
     parser.add_argument("--plot")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --json, run the others")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     begin = time.perf_counter()
@@ -244,15 +258,20 @@ def main() -> None:
     with open(os.path.join(SAMPLE, "labels", "colin27_aal_names.json")) as f:
         values = {name: int(v) for v, name in json.load(f).items()}
     structures = [s.strip() for s in args.structures.split(",") if s.strip()]
-    runs, first_steps = [], {}
+    runs = _saved_runs(args.json) if args.resume else []
+    first_steps = {}
     for structure in structures:
         for policy in [p.strip() for p in args.policies.split(",")]:
             for seed in ([int(v) for v in args.seeds.split(",")] if policy == "random" else [None]):
+                if any((r["structure"], r["policy"], r["seed"]) == (structure, policy, seed) for r in runs):
+                    continue  # measured in an earlier, interrupted run (--resume)
                 run = {"structure": structure, **simulate(model, colin, mni, values[structure], policy, seed,
                                                                first_steps=first_steps)}
                 runs.append(run)
                 print(json.dumps({k: v for k, v in run.items() if k != "steps"}),
                       [s["dice"] for s in run["steps"]], run["steps"][-1]["slices"], flush=True)
+                if args.json:  # after every run: a long benchmark interrupted keeps what it measured
+                    _save(args.json, {"structures": structures, "runtime": runtime, "runs": runs, "complete": False})
     summary = summarise(runs)
     print("\n| policy | " + " | ".join(f"{n} asked" for n in summary[next(iter(summary))]["asked"])
           + " | reached 0.75 | median slices to 0.75 | SAP-Net training s per step |")
@@ -265,10 +284,9 @@ def main() -> None:
         print(f"| {policy} | " + " | ".join(f"{v:.3f}" for v in s["dice_second_study_first_last"]) + " |")
     print(f"\ntotal {time.perf_counter() - begin:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"structures": structures, "runtime": runtime, "summary": summary, "runs": runs,
-                       "encode_s_per_slice": [colin.encode_s_per_slice, mni.encode_s_per_slice],
-                       "total_s": round(time.perf_counter() - begin)}, f, indent=2)
+        _save(args.json, {"structures": structures, "runtime": runtime, "summary": summary, "runs": runs,
+                          "encode_s_per_slice": [colin.encode_s_per_slice, mni.encode_s_per_slice],
+                          "total_s_this_run": round(time.perf_counter() - begin), "complete": True})
     if args.plot:
         plot(runs, structures, args.plot)
 

@@ -212,8 +212,9 @@ def test_after_training_scores_are_kept_and_the_slice_is_where_the_model_is_unsu
     per_slice = answer["uncertainty"]["Putamen_L"]["slices"]  # the image info, as the answer carries it
     assert str(answer["slice"]) in per_slice and answer["score"] == max(per_slice.values())
     assert not set(two_labelled_slices()) & {int(k) for k in per_slice}
-    # Measured on the whole volume: slice 94 (score 0.76), past the putamen's end (61-87), where the model draws it
-    # too. Whether this rule beats random and evenly spaced slices is for benchmarks/bench_active_learning.py.
+    # Measured 2026-12-03: slice 14 of the slab (210 disputed pixels), near the putamen's lower end (11-37), labelled
+    # 20 and 29. Whether this rule beats random slices: test_the_slice_strategy_beats_random_slices, and
+    # benchmarks/bench_active_learning.py.
 
 
 def save_putamen_slices(server, slices: list[int], tmp_path) -> None:
