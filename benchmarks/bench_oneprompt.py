@@ -121,14 +121,102 @@ def time_volume(model) -> dict:
             "volume_dice": 2 * inter / max(1.0, float(predicted.sum() + truth.sum()))}
 
 
-def volume_dice(model, structures=None, gate_margin: float = 0.1) -> dict:
-    """Whole-volume Dice of the held-out AAL structures (templates never trained on): for each, a box template on
-    Colin27's slice where the structure is largest, then (a) the whole Colin27 volume (the same study: every other
-    slice, including the ~150 where the structure is absent) and (b) a SECOND STUDY, the MNI152 2009a template
-    (sample-data/mni152_t1.nii.gz, from the nilearn wheel; another brain, an average of 152 subjects, scanned and
-    processed differently), whose truth is AAL carried onto its grid through both images' affines
-    (lib.core.transforms.geometry.labels_on_grid; both in MNI space; APPROXIMATE: AAL was drawn on Colin27, so boundaries
-    can be off by a few mm)."""
+VOLUME_METHODS = {
+    "served: propagate (ours)": "propagate",
+    "previous default: the volume gate": "gate",
+    "the model alone on every slice (paper)": "slices",
+    "copied ground-truth mask, true extent": "copied mask",
+    "copied box into LiteMedSAM, true extent": "copied box",
+    "LiteMedSAM propagated, stop when empty": "propagated box",
+}
+
+
+def _study(task, path: str, axis: int = 2) -> tuple:
+    """(context, frame, SliceModels-ready pieces) of one study for the in-process baselines."""
+    from lib.oneprompt.infer import slice_geometry
+
+    image, _ = task.image_loader(path)
+    range_key, intensity = image.intensity(None, None)
+    context = {"image": image, "range_key": range_key, "intensity": intensity, "encoder_runs": 0}
+    frame = task.frame(image, axis)
+    return context, frame, slice_geometry(image, axis, frame)
+
+
+def _paste(masks: dict, frame, shape, axis: int = 2) -> np.ndarray:
+    from lib.core.transforms.geometry import paste_slice
+
+    volume = np.zeros(shape, np.uint8)
+    for k, mask in masks.items():
+        on_slice = (frame.to_slice(torch.as_tensor(np.asarray(mask), dtype=torch.float32)) > 0.5).numpy()
+        paste_slice(on_slice.astype(np.uint8), shape, axis, k, volume)
+    return volume > 0
+
+
+def _scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
+    """Whole-volume Dice; Dice on the slices that hold the structure; false-positive voxels on those that do not."""
+    held = truth.any((0, 1))
+    inter = float((predicted & truth).sum())
+    on_held = predicted[:, :, held]
+    return {"dice": 2 * inter / max(1.0, float(predicted.sum() + truth.sum())),
+            "dice_on_held_slices": 2 * inter / max(1.0, float(on_held.sum() + truth.sum())),
+            "false_positive_voxels_off_held_slices": int(predicted[:, :, ~held].sum()),
+            "labelled_slices": int(predicted.any((0, 1)).sum())}
+
+
+def baseline(method: str, task, template, study: tuple, template_study: tuple, truth: np.ndarray,
+             template_truth: np.ndarray) -> np.ndarray:
+    """A baseline's volume. The copied ones are given the true extent (the slices that hold the structure): an
+    oracle our method does not have. Another study gets the template's mask or box at the same relative place of
+    the slice's body box (One-Prompt's frame: the same model pixels), and the propagation baseline its seed on the
+    slice at the template slice's relative position in the body (`body_extent`), as our locator starts."""
+    from lib.oneprompt.infer import TemplateSliceModels
+    from lib.oneprompt.volume import VolumeSettings, body_extent, padded, seed_from_box, trace
+
+    context, frame, geometry = study
+    image = context["image"]
+    models = TemplateSliceModels(task, context, 2, frame, [template])
+    held = [int(k) for k in np.nonzero(truth.any((0, 1)))[0]]
+    k0 = template.meta["slice"]
+    if method == "copied mask":
+        t_context, t_frame, _ = template_study
+        model_mask = t_frame.mask_to_model(template_truth[:, :, k0].T)
+        return _paste({k: model_mask for k in held}, frame, image.spatial_shape)
+    box = models.template_boxes[0]
+    if method == "copied box":
+        masks = {}
+        for k in held:
+            features = models.features(k)
+            if features is not None:
+                masks[k] = models.sam(features, padded(box, 256))[0].numpy() > 0.5
+        return _paste(masks, frame, image.spatial_shape)
+    if method == "propagated box":
+        same = image.path == template.meta["image_path"]
+        if same:
+            seed_k = k0
+        else:
+            first, last = body_extent(image, 2)
+            seed_k = int(round(first + template.meta["relative_position"] * (last - first)))
+        seed_mask, _ = seed_from_box(models, models.features(seed_k), box)
+        masks = {seed_k: seed_mask}
+        only_area = VolumeSettings(min_similarity=-2.0, max_growth=float("inf"))
+        for direction in (1, -1):
+            steps = trace(models, seed_k, seed_mask, direction, image.spatial_shape[2], geometry, only_area)
+            masks.update({s.index: s.mask for s in steps if not s.stop})
+        return _paste(masks, frame, image.spatial_shape)
+    raise ValueError(method)
+
+
+def volume_comparison(model, structures=None) -> dict:
+    """Whole-volume Dice of the held-out AAL structures (templates never trained on), our served default against
+    the baselines (`VOLUME_METHODS`), all in this run: for each, a box template on Colin27's slice where the
+    structure is largest, then (a) the whole Colin27 volume (the same study: every other slice, including the ~140
+    where the structure is absent) and (b) a SECOND STUDY, the MNI152 2009a template (sample-data/mni152_t1.nii.gz,
+    from the nilearn wheel; another brain, an average of 152 subjects, scanned and processed differently, brain
+    only where Colin27 has the head), whose truth is AAL carried onto its grid through both images' affines
+    (lib.core.transforms.geometry.labels_on_grid; both in MNI space; APPROXIMATE: AAL was drawn on Colin27, so
+    boundaries can be off by a few mm). Every slice of both volumes is encoded once (cached) and shared by every
+    method; the seconds of the served method are measured on cached features, plus the encoder's time per slice
+    for the slices it visits."""
     import nibabel as nib
 
     from lib.oneprompt.dataset import HELDOUT_AAL
@@ -143,36 +231,66 @@ def volume_dice(model, structures=None, gate_margin: float = 0.1) -> dict:
     img2 = nib.load(second)
     studies = {"colin27 (same study)": (image, label),
                "mni152 (second study)": (second, labels_on_grid(label, label_img.affine, img2.shape, img2.affine))}
-    out = {"structures": {}, "studies": list(studies)}
+    out = {"structures": {}, "studies": list(studies), "methods": list(VOLUME_METHODS)}
     with tempfile.TemporaryDirectory() as tmp:
-        task = OnePromptInfer(lambda device: model, TemplateStore(tmp), feature_cache_size=512, progress_every=1000)
+        task = OnePromptInfer(lambda device: model, TemplateStore(tmp), feature_cache_size=1024,
+                              progress_every=1000, encoder_runtime="auto")
+        contexts = {study: _study(task, path) for study, (path, _) in studies.items()}
+        t = time.perf_counter()
+        for study, (context, frame, _) in contexts.items():  # encode every slice once
+            for k in range(context["image"].spatial_shape[2]):
+                task.encoded(context, 2, k, frame)
+        encoded = sum(c["encoder_runs"] for c, _, _ in contexts.values())
+        out["encoder_s_per_slice"] = (time.perf_counter() - t) / max(1, encoded)
         for name in structures:
             value = values[name]
             k = int(np.argmax((label == value).sum((0, 1))))
             i, j = np.nonzero(label[:, :, k] == value)
             task({"image": image, "mode": "register", "label": name,
                   "roi": [int(i.min()), int(i.max()), int(j.min()), int(j.max()), k, k]})
+            template = task.store.load(task.store.resolve(name)[0])
             row = {}
             for study, (path, truth_label) in studies.items():
                 truth = truth_label == value
-                row[study] = {"slices_with_the_structure": int(truth.any((0, 1)).sum()),
-                              "slices": int(truth.shape[2])}
-                # with the volume gate (the served default), then without it (features cached: decoder only)
-                for suffix, gate in (("", True), ("_no_gate", False)):
+                row[study] = {"slices_with_the_structure": int(truth.any((0, 1)).sum()), "slices": int(truth.shape[2])}
+                for method, key in VOLUME_METHODS.items():
                     t = time.perf_counter()
-                    result_path, info = task({"image": path, "template": name, "volume_gate": gate,
-                                              "gate_margin": gate_margin})
-                    predicted = np.asarray(nib.load(result_path).dataobj) > 0
-                    inter = float((predicted & truth).sum())
-                    row[study].update({f"dice{suffix}": 2 * inter / max(1.0, float(predicted.sum() + truth.sum())),
-                                       f"labelled_slices{suffix}": info["labelled_slices"],
-                                       f"seconds{suffix}": time.perf_counter() - t})
+                    if key in ("propagate", "gate", "slices"):
+                        result_path, info = task({"image": path, "template": name, "volume": key})
+                        predicted = np.asarray(nib.load(result_path).dataobj) > 0
+                        os.remove(result_path)
+                    else:
+                        info = None
+                        predicted = baseline(key, task, template, contexts[study], contexts["colin27 (same study)"],
+                                             truth, label == value)
+                    row[study][key] = {**_scores(predicted, truth), "seconds_on_cached_features":
+                                       round(time.perf_counter() - t, 2)}
+                    if key == "propagate":
+                        row[study][key]["visited_slices"] = info["volume"]["visited_slices"]
+                        row[study][key]["seed"] = info["volume"]["seed"]
+                        row[study][key]["seed_slice"] = info["volume"]["seed_slice"]
             out["structures"][name] = row
-            print(name, json.dumps({s: [round(r["dice"], 3), round(r["dice_no_gate"], 3)] for s, r in row.items()}),
-                  flush=True)
-    for key in ("dice", "dice_no_gate"):
-        out[f"mean_{key}"] = {s: float(np.mean([r[s][key] for r in out["structures"].values()])) for s in studies}
+            print(name, json.dumps({s: {m: round(r[m]["dice"], 3) for m in VOLUME_METHODS.values()}
+                                    for s, r in row.items()}), flush=True)
+    out["mean"] = {s: {m: {metric: float(np.mean([r[s][m][metric] for r in out["structures"].values()]))
+                           for metric in ("dice", "dice_on_held_slices", "false_positive_voxels_off_held_slices",
+                                          "labelled_slices")}
+                       for m in VOLUME_METHODS.values()} for s in studies}
     return out
+
+
+def volume_markdown(result: dict) -> str:
+    lines = ["| method | " + " | ".join(f"{s}: volume Dice / Dice on held slices / FP voxels elsewhere"
+                                        for s in result["studies"]) + " |",
+             "|---|" + "---:|" * len(result["studies"])]
+    for method, key in VOLUME_METHODS.items():
+        cells = []
+        for study in result["studies"]:
+            m = result["mean"][study][key]
+            cells.append(f"{m['dice']:.3f} / {m['dice_on_held_slices']:.3f} / "
+                         f"{m['false_positive_voxels_off_held_slices']:.0f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -184,9 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-dice", action="store_true",
                    help="no held-out slice Dice (timings and whole-volume Dice only)")
     p.add_argument("--volume-structures", default=None,
-                   help="comma-separated AAL names for the whole-volume Dice (default: the held-out ones); the gate's "
-                        "margin was chosen on training structures this way")
-    p.add_argument("--gate-margin", type=float, default=0.1, help="the volume gate's margin (served default 0.1)")
+                   help="comma-separated AAL names for the whole-volume comparison (default: the held-out ones)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -216,8 +332,8 @@ def main(argv=None) -> int:
         print(json.dumps(report["volume_timing"], indent=1))
     if not args.skip_volume:
         structures = args.volume_structures.split(",") if args.volume_structures else None
-        report["volume_dice"] = volume_dice(model, structures, args.gate_margin)
-        print(json.dumps({k: report["volume_dice"][k] for k in ("mean_dice", "mean_dice_no_gate")}, indent=1))
+        report["volume_comparison"] = volume_comparison(model, structures)
+        print(volume_markdown(report["volume_comparison"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -9,14 +9,19 @@ Modes (request parameter `mode`):
   (<models>/oneprompt/templates/<label>/<n>); a label may have several (ensembling). The answer is the template's
   own prediction on its slice (template = query), a label volume with only that slice set: a preview.
 - `segment`: the image segmented with a label's templates (`template`: a label name or a template id
-  "<label>/<n>"; `templates`: a list of template ids or labels, to use just those). Volumes are segmented slice by
-  slice across `axis` (default: the template's axis; a 2D template on a volume: the supplement's axis, the
-  coarsest), over `slices` = [start, end) (default: all); 2D images in one go. Each template predicts every slice;
-  their probabilities are averaged (the paper's template ensembling) and thresholded at `threshold` (0.5); slices
-  that are uniform inside the image's non-zero box are skipped without running the encoder. On volumes the
-  `volume_gate` (default on; our addition, see `consistent_run`) then keeps only the unbroken run of slices around
-  the most template-like one whose predicted region still looks like the template's (prototype cosine within
-  `gate_margin`, 0.1, of the peak): without it the decoder labels nearly every slice.
+  "<label>/<n>"; `templates`: a list of template ids or labels, to use just those). 2D images in one go: each
+  template predicts the image, their probabilities are averaged (the paper's template ensembling) and thresholded
+  at `threshold` (0.5). Volumes, sliced across `axis` (default: the template's), within `slices` = [start, end)
+  (default: all), as `volume` says:
+  - "propagate" (default; lib/oneprompt/volume.py): from a seed slice outwards, LiteMedSAM from the box of the
+    previous slice's mask, until the structure ends; the seed is the template slice on the template's own volume,
+    and is located on another study (One-Prompt's prediction and the template's prototype, around the template
+    slice's relative position in the body);
+  - "gate" (the served default until 2026-12): every slice predicted by the templates, then the volume gate keeps
+    the unbroken run of slices around the most template-like one whose predicted region still looks like the
+    template's (prototype cosine within `gate_margin`, 0.1, of the peak; `consistent_run`);
+  - "slices": every slice predicted, nothing removed: the paper's output.
+  Slices that are uniform inside the image's non-zero box are skipped without running the encoder.
 - `interactive`: One-Prompt's interactive mode, template = query: the prompt on the current slice, answered on that
   slice, nothing stored.
 - `everything`: "segment everything": a `grid` x `grid` (default 8 x 8) lattice of positive clicks over the
@@ -29,7 +34,7 @@ The mode defaults to `segment` when `template`/`templates` is given, to `interac
 prompt, and to `segment` with the label's templates when only a `label` that has templates is given.
 
 Other parameters: `slice`, `axis` (0, 1 or 2; on volumes), `modality`, `ct_window` (as the other models),
-`label_value` (the output value, default 1; above 255 it needs `result_dtype` uint16), `threshold`, `volume_gate`,
+`label_value` (the output value, default 1; above 255 it needs `result_dtype` uint16), `threshold`, `volume`,
 `gate_margin`, `result_extension`, `result_dtype`.
 
 Images are preprocessed as the decoder's training data were (lib/oneprompt/preprocessing.py). The encoder features of
@@ -52,7 +57,7 @@ from lib.oneprompt.model import masked_prototype
 from lib.core.images import ImageCache, LoadedImage, write_label
 from lib.core.transforms.geometry import paste_slice
 from lib.core.cache import LazyModel, LRUCache
-from lib.core.requests import as_list, flag, integer, label_value, number, optional_index
+from lib.core.requests import as_list, integer, label_value, number, optional_index
 from lib.oneprompt.frame import SliceFrame, slice_shape, slice_window
 from lib.oneprompt.preprocessing import model_input, nonzero_box, slicing_axes
 from lib.core.progress import current as current_progress
@@ -60,10 +65,18 @@ from lib.oneprompt.prompts import parse_template_prompt, prompt_kind, resolve_la
 from lib.oneprompt.templates import TemplateStore
 from lib.core.device import pick_device
 from lib.core.runtime import FrozenForward, resolve_runtime
+from lib.core.transforms.geometry import in_plane_axes
+from lib.oneprompt.preprocessing import SIZE
+from lib.oneprompt.volume import (Geometry, VolumeSettings, body_extent, largest_run, locate, mask_box,
+                                  relative_position, seed_from_box, trace)
 
 logger = logging.getLogger(__name__)
 
 MODES = ("register", "segment", "interactive", "everything")
+# How `segment` treats a volume: "propagate" (the default, lib/oneprompt/volume.py), "gate" (the model on every
+# slice, then the volume gate: the served default until 2026-12), "slices" (the model on every slice, as the paper).
+VOLUME_METHODS = ("propagate", "gate", "slices")
+SEED_PREFERENCE = ("seglab", "bbox", "doodle", "click")
 DECODE_BATCH = 16  # "everything" prompts decoded at once (each ~2 MiB of head activations)
 
 
@@ -72,8 +85,12 @@ class OnePromptInfer(InferTask):
                  description: str = "One-Prompt: prompt one slice once, segment other slices and images",
                  device: str | None = None, image_loader: Callable[[str], tuple[LoadedImage, bool]] | None = None,
                  feature_cache_size: int = 32, feature_cache_bytes: int | None = None, default_modality: str | None = None, default_ct_window=None,
-                 progress_every: int = 10, encoder_runtime: str = "eager", runtime_cache_dir: str | None = None):
-        """encoder_runtime, runtime_cache_dir: where the frozen encoder's features are computed (lib.core.runtime)."""
+                 progress_every: int = 10, encoder_runtime: str = "eager", runtime_cache_dir: str | None = None,
+                 sam_factory: Callable[[torch.device], torch.nn.Module] | None = None,
+                 volume_settings: VolumeSettings | None = None):
+        """encoder_runtime, runtime_cache_dir: where the frozen encoder's features are computed (lib.core.runtime).
+        sam_factory: the LiteMedSAM whose box decoder segments volumes (`volume` "propagate"; default: the bundled
+        LiteMedSAM, whose encoder One-Prompt's decoder was trained on)."""
         super().__init__(
             type=InferType.DEEPGROW,  # Slicer and OHIF show click and box tools for deepgrow-type models
             labels=[],
@@ -81,7 +98,7 @@ class OnePromptInfer(InferTask):
             description=description,
             # `label` and `template` here put them in OHIF's Options dialog: the panel sends only clicks and these.
             config={"mode": "", "label": "", "template": "", "modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
-                    "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7, "volume_gate": True,
+                    "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7, "volume": "propagate",
                     "gate_margin": 0.1},
         )
         self.model_factory = model_factory
@@ -92,6 +109,8 @@ class OnePromptInfer(InferTask):
         self.image_loader = image_loader or ImageCache(4).get
         self.progress_every = progress_every
         self.lazy_model = LazyModel(model_factory, self.device, "One-Prompt model")
+        self.lazy_sam = LazyModel(sam_factory or _bundled_litemedsam, self.device, "LiteMedSAM model")
+        self.volume_settings = volume_settings or VolumeSettings()
         self.encoder_runtime = resolve_runtime(encoder_runtime, self.device)
         self.runtime_cache_dir = runtime_cache_dir
         self._features_forward: FrozenForward | None = None
@@ -264,6 +283,8 @@ class OnePromptInfer(InferTask):
                 "axis": axis, "slice": index, "modality": context["range_key"][0],
                 "ct_window": context["range_key"][1], "slice_shape": list(frame.slice_shape),
                 "window_rc": list(frame.window.as_tuple()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if axis is not None:  # where the slice lies in the body: another study's seed is looked for there
+            meta["relative_position"] = round(relative_position(index, body_extent(image, axis)), 4)
         template_id = self.store.add(label, encoded[0], encoded[1], prompt, meta)
         volume, info = self._self_prediction(req, context, axis, index, frame, prompt, encoded)
         count = len(self.store.metas(label))
@@ -284,11 +305,20 @@ class OnePromptInfer(InferTask):
         templates = [self.store.load(i) for i in self.store.resolve(names)]
         image = context["image"]
         axis = self.axis_for(req, image, default=templates[0].meta.get("axis"))
+        method = str(req.get("volume") or "propagate").strip().lower()
+        if method not in VOLUME_METHODS:
+            raise bad_request(f"'volume' must be one of {', '.join(VOLUME_METHODS)}, got {req.get('volume')!r}")
+        if axis is not None and method == "propagate":
+            return self.segment_propagated(req, context, templates, axis)
+        return self.segment_every_slice(req, context, templates, axis, gate=axis is not None and method == "gate")
+
+    def segment_every_slice(self, req: dict, context: dict, templates: list, axis, gate: bool):
+        """The model on every slice (templates ensembled), then on volumes the volume gate when `gate`."""
+        image = context["image"]
         frame = self.frame(image, axis)
         indices = self.slice_range(req, image, axis)
         prompts = [self.model_prompt(t.prompt, t.image) for t in templates]
         threshold, value = number(req, "threshold"), label_value(req)
-        gate = axis is not None and flag(req, "volume_gate", True)
         margin = number(req, "gate_margin", low=0.0)  # a cosine margin
         prototypes = self.template_prototypes(templates, prompts, threshold) if gate else None
         volume = np.zeros(image.spatial_shape, dtype=_label_dtype(value))
@@ -321,16 +351,100 @@ class OnePromptInfer(InferTask):
         for index in kept:
             paste_slice(masks[index].astype(volume.dtype) * value, image.spatial_shape, axis, index, volume)
         label = templates[0].label
-        gate_info = None
-        if gate:
-            gate_info = {"margin": margin, "predicted_slices": len(masks), "removed_slices": len(masks) - len(kept),
-                         "peak_slice": max(similarity, key=similarity.get) if similarity else None,
-                         "kept_range": [kept[0], kept[-1] + 1] if kept else None}
+        volume_info = None
+        if axis is not None:
+            volume_info = {"method": "gate" if gate else "slices", "predicted_slices": len(masks)}
+            if gate:
+                volume_info.update({"margin": margin, "removed_slices": len(masks) - len(kept),
+                                    "peak_slice": max(similarity, key=similarity.get) if similarity else None,
+                                    "kept_range": [kept[0], kept[-1] + 1] if kept else None})
         return volume, {"label_names": {self.label_name(req, required=False) or label: value},
                         "templates": [t.id for t in templates], "axis": axis,
                         "slices": None if axis is None else [indices[0], indices[-1] + 1],
-                        "labelled_slices": len(kept), "skipped_uniform_slices": skipped, "volume_gate": gate_info,
+                        "labelled_slices": len(kept), "skipped_uniform_slices": skipped, "volume": volume_info,
                         "mask_voxels": int((volume > 0).sum())}
+
+    def segment_propagated(self, req: dict, context: dict, templates: list, axis: int):
+        """The volume segmented from its seed slice outwards (lib/oneprompt/volume.py): on the template's own
+        volume the seed is the template slice; on another study it is located first."""
+        image = context["image"]
+        frame = self.frame(image, axis)
+        indices = self.slice_range(req, image, axis)
+        settings = self.volume_settings
+        models = TemplateSliceModels(self, context, axis, frame, templates)
+        geometry = slice_geometry(image, axis, frame)
+        lo, hi = indices[0], indices[-1] + 1
+        progress = current_progress()
+        progress.begin(len(indices), "segmenting slices from the seed")
+        visited = set()
+
+        def visit(index: int) -> None:
+            visited.add(index)
+            progress.step()  # may raise Cancelled, or hand the device to a waiting click
+
+        # the template whose own-slice mask is the most reliable seed: a mask, then a box, a doodle, a click
+        ranked = sorted(range(len(templates)), key=lambda n: SEED_PREFERENCE.index(templates[n].prompt["kind"]))
+        own = next((n for n in ranked if self.is_template_volume(templates[n], image, axis, frame)
+                    and lo <= templates[n].meta["slice"] < hi), None)
+        if own is not None:
+            seed = {"index": templates[own].meta["slice"], "mask": models.template_masks[own],
+                    "source": f"the template slice ({templates[own].id})", "similarity": 1.0}
+        else:
+            primary = templates[ranked[0]]
+            extent = body_extent(image, axis)
+            position = primary.meta.get("relative_position", 0.5)
+            centre = extent[0] + position * (extent[1] - extent[0])
+            reach = settings.search_fraction * (extent[1] - extent[0] + 1)
+            candidates = [k for k in indices if abs(k - centre) <= reach] or indices
+            candidates.sort(key=lambda k: abs(k - centre))  # the likeliest first: progress means something
+            progress.begin(len(indices) + len(candidates), "locating the structure, then segmenting")
+            seed = locate(models, candidates, models.template_boxes[ranked[0]], on_slice=visit)
+        masks, stopped = {}, {}
+        if seed is not None:
+            masks[seed["index"]] = seed["mask"]
+            for direction in (1, -1):
+                steps = trace(models, seed["index"], seed["mask"], direction, image.spatial_shape[axis], geometry,
+                              settings, on_slice=visit, bounds=(lo, hi))
+                stopped["after" if direction > 0 else "before"] = steps[-1].stop if steps else "the volume ends"
+                masks.update({s.index: s.mask for s in steps if not s.stop})
+            masks = largest_run(masks, seed["index"])
+        value = label_value(req)
+        volume = np.zeros(image.spatial_shape, dtype=_label_dtype(value))
+        for index, mask in masks.items():
+            on_slice = (frame.to_slice(torch.as_tensor(mask, dtype=torch.float32)) > 0.5).numpy()
+            paste_slice(on_slice.astype(volume.dtype) * value, image.spatial_shape, axis, index, volume)
+        progress.done = progress.total or 0
+        kept = sorted(masks)
+        volume_info = {"method": "propagate", "seed_slice": seed["index"] if seed else None,
+                       "seed": seed["source"] if seed else "not found",
+                       "seed_similarity": round(float(seed["similarity"]), 4) if seed else None,
+                       "stopped": stopped, "kept_range": [kept[0], kept[-1] + 1] if kept else None,
+                       "visited_slices": len(visited | set(kept))}
+        label = templates[0].label
+        return volume, {"label_names": {self.label_name(req, required=False) or label: value},
+                        "templates": [t.id for t in templates], "axis": axis, "slices": [lo, hi],
+                        "labelled_slices": len(kept), "volume": volume_info,
+                        "encoder_runs": context["encoder_runs"], "mask_voxels": int((volume > 0).sum())}
+
+    @staticmethod
+    def is_template_volume(template, image: LoadedImage, axis: int, frame: SliceFrame) -> bool:
+        """Was the template registered on this very volume, sliced the same way?"""
+        meta = template.meta
+        return (meta.get("image") == _image_id(image.path) and meta.get("axis") == axis
+                and list(meta.get("slice_shape") or []) == list(frame.slice_shape)
+                and list(meta.get("window_rc") or []) == list(frame.window.as_tuple()))
+
+    @property
+    def sam(self) -> torch.nn.Module:
+        return self.lazy_sam.get()
+
+    def sam_probabilities(self, features: dict, box: np.ndarray) -> tuple[torch.Tensor, float]:
+        """(S, S) LiteMedSAM probabilities from a model-frame box on a slice's One-Prompt "neck" features (the same
+        frozen encoder: no second encoding), and SAM's predicted IoU."""
+        embedding = features["neck"].to(self.device, torch.float32)
+        with torch.inference_mode():
+            logits, iou = self.sam.decode(embedding, boxes=torch.as_tensor(np.asarray(box, np.float32)[None]))
+        return torch.sigmoid(logits[0, 0].float()).cpu(), float(iou[0, 0])
 
     def template_prototypes(self, templates: list, prompts: list, threshold: float) -> torch.Tensor:
         """(T, C) unit prototypes: each template's "neck" features averaged under its own prediction on its slice
@@ -414,6 +528,69 @@ class OnePromptInfer(InferTask):
         return _to(Prompt.click(points.float(), torch.ones(points.shape[0], 1, dtype=torch.long)), self.device)
 
 
+class TemplateSliceModels:
+    """lib.oneprompt.volume's SliceModels on an infer task's cached slice features, for a list of templates (their
+    One-Prompt probabilities averaged, their prototypes too)."""
+
+    def __init__(self, task: OnePromptInfer, context: dict, axis: int, frame: SliceFrame, templates: list):
+        self.task, self.context, self.axis, self.frame, self.templates = task, context, axis, frame, templates
+        self.prompts = [task.model_prompt(t.prompt, t.image) for t in templates]
+        seeds = [self.template_seed(t, p) for t, p in zip(templates, self.prompts)]
+        self.template_boxes = [box for box, _ in seeds]
+        self.template_masks = [mask for _, mask in seeds]
+        prototypes = [masked_prototype(t.features["neck"].float(), torch.as_tensor(m, dtype=torch.float32)[None, None])[0]
+                      for t, m in zip(templates, self.template_masks)]
+        self.prototypes = torch.nn.functional.normalize(torch.stack(prototypes), dim=1)
+
+    def template_seed(self, template, prompt) -> tuple[np.ndarray, np.ndarray]:
+        """(box, mask) of the structure on the template's own slice, model frame: a SegLab template's mask; else
+        SAM from the box (a click's or doodle's box: that of One-Prompt's own prediction and the positive points)."""
+        stored = template.prompt
+        if stored["kind"] == "seglab":
+            mask = np.asarray(stored["mask"]) > 0
+            return mask_box(mask), mask
+        if stored["kind"] == "bbox":
+            box = np.asarray(stored["box"], np.float32)
+        else:
+            own = (self.task.probabilities(template.features, template.features, prompt)[0] > 0.5).numpy()
+            points = np.asarray(stored["points"], np.float32)[np.asarray(stored["labels"]) > 0]
+            xs = np.concatenate([np.nonzero(own)[1], points[:, 0]]) if len(points) else np.nonzero(own)[1]
+            ys = np.concatenate([np.nonzero(own)[0], points[:, 1]]) if len(points) else np.nonzero(own)[0]
+            if not len(xs):
+                raise bad_request(f"template {template.id}: its prompt has no positive point and its own slice no "
+                                  "prediction: register it again with a box or a mask")
+            box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+        mask, _ = seed_from_box(self, template.features, box)
+        if not mask.any():  # SAM found nothing in the box: the box itself
+            mask = np.zeros((SIZE, SIZE), bool)
+            x0, y0, x1, y1 = np.round(box).astype(int)
+            mask[y0:y1 + 1, x0:x1 + 1] = True
+        return box, mask
+
+    def features(self, index: int) -> dict | None:
+        encoded = self.task.encoded(self.context, self.axis, index, self.frame)
+        return None if encoded is None else encoded[1]
+
+    def oneprompt(self, features: dict) -> torch.Tensor:
+        return torch.stack([self.task.probabilities(features, t.features, p)[0]
+                            for t, p in zip(self.templates, self.prompts)]).mean(0)
+
+    def sam(self, features: dict, box: np.ndarray) -> tuple[torch.Tensor, float]:
+        return self.task.sam_probabilities(features, box)
+
+    def similarity(self, features: dict, mask: torch.Tensor) -> float:
+        return prototype_consistency(features["neck"], mask, self.prototypes)
+
+
+def slice_geometry(image: LoadedImage, axis: int, frame: SliceFrame) -> Geometry:
+    """The physical size of a model pixel of this frame and the slice spacing (mm; 1 where the affine has none)."""
+    spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+    spacing = np.where(np.isfinite(spacing) & (spacing > 0), spacing, 1.0)
+    col_axis, row_axis = in_plane_axes(axis)
+    rows, cols = frame.scale
+    return Geometry((float(spacing[row_axis] / rows), float(spacing[col_axis] / cols)), float(spacing[axis]))
+
+
 # -- segment everything: prompts and mask selection -----------------------------------------------------------------
 def grid_points(unit: torch.Tensor, grid: int, level: float = 0.1) -> np.ndarray:
     """(N, 2) model (x, y) clicks: the centres of a grid x grid lattice over the bounding box of the slice's
@@ -474,6 +651,12 @@ def consistent_run(indices: list, similarity: Dict[int, float], margin: float) -
             kept.append(indices[n])
             n += direction
     return sorted(kept)
+
+
+def _bundled_litemedsam(device):
+    from lib.models.sam import build_litemedsam  # on use: app start stays cheap
+
+    return build_litemedsam(device=device)
 
 
 def _to(prompt, device):
