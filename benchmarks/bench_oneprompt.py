@@ -122,8 +122,8 @@ def time_volume(model) -> dict:
 
 
 VOLUME_METHODS = {
-    "served: propagate (ours)": "propagate",
-    "previous default: the volume gate": "gate",
+    "propagate (ours, lib/oneprompt/volume.py)": "propagate",
+    "the volume gate (served default)": "gate",
     "the model alone on every slice (paper)": "slices",
     "copied ground-truth mask, true extent": "copied mask",
     "copied box into LiteMedSAM, true extent": "copied box",
@@ -132,23 +132,22 @@ VOLUME_METHODS = {
 
 
 def _study(task, path: str, axis: int = 2) -> tuple:
-    """(context, frame, SliceModels-ready pieces) of one study for the in-process baselines."""
+    """(context, frame, geometry) of one study, for the in-process baselines."""
     from lib.oneprompt.infer import slice_geometry
 
     image, _ = task.image_loader(path)
     range_key, intensity = image.intensity(None, None)
     context = {"image": image, "range_key": range_key, "intensity": intensity, "encoder_runs": 0}
-    frame = task.frame(image, axis)
-    return context, frame, slice_geometry(image, axis, frame)
+    return context, task.frame(image, axis), slice_geometry(image, axis)
 
 
-def _paste(masks: dict, frame, shape, axis: int = 2) -> np.ndarray:
+def _paste(masks: dict, shape, axis: int = 2) -> np.ndarray:
+    """{slice: (rows, cols) mask} -> a bool volume."""
     from lib.core.transforms.geometry import paste_slice
 
     volume = np.zeros(shape, np.uint8)
     for k, mask in masks.items():
-        on_slice = (frame.to_slice(torch.as_tensor(np.asarray(mask), dtype=torch.float32)) > 0.5).numpy()
-        paste_slice(on_slice.astype(np.uint8), shape, axis, k, volume)
+        paste_slice(np.asarray(mask, np.uint8), shape, axis, k, volume)
     return volume > 0
 
 
@@ -170,7 +169,7 @@ def baseline(method: str, task, template, study: tuple, template_study: tuple, t
     the slice's body box (One-Prompt's frame: the same model pixels), and the propagation baseline its seed on the
     slice at the template slice's relative position in the body (`body_extent`), as our locator starts."""
     from lib.oneprompt.infer import TemplateSliceModels
-    from lib.oneprompt.volume import VolumeSettings, body_extent, padded, seed_from_box, trace
+    from lib.oneprompt.volume import VolumeSettings, body_extent, trace
 
     context, frame, geometry = study
     image = context["image"]
@@ -178,31 +177,31 @@ def baseline(method: str, task, template, study: tuple, template_study: tuple, t
     held = [int(k) for k in np.nonzero(truth.any((0, 1)))[0]]
     k0 = template.meta["slice"]
     if method == "copied mask":
-        t_context, t_frame, _ = template_study
-        model_mask = t_frame.mask_to_model(template_truth[:, :, k0].T)
-        return _paste({k: model_mask for k in held}, frame, image.spatial_shape)
-    box = models.template_boxes[0]
+        _, template_frame, _ = template_study
+        model_mask = torch.as_tensor(template_frame.mask_to_model(template_truth[:, :, k0].T), dtype=torch.float32)
+        on_slice = (frame.to_slice(model_mask) > 0.5).numpy()
+        return _paste({k: on_slice for k in held}, image.spatial_shape)
+    box = models.slice_box(models.template_boxes[0])
     if method == "copied box":
         masks = {}
         for k in held:
-            features = models.features(k)
-            if features is not None:
-                masks[k] = models.sam(features, padded(box, 256))[0].numpy() > 0.5
-        return _paste(masks, frame, image.spatial_shape)
+            answer = models.sam(k, box)
+            if answer is not None:
+                masks[k] = answer[0]
+        return _paste(masks, image.spatial_shape)
     if method == "propagated box":
-        same = image.path == template.meta["image_path"]
-        if same:
+        if image.path == template.meta["image_path"]:
             seed_k = k0
         else:
             first, last = body_extent(image, 2)
             seed_k = int(round(first + template.meta["relative_position"] * (last - first)))
-        seed_mask, _ = seed_from_box(models, models.features(seed_k), box)
+        seed_mask = models.sam(seed_k, box)[0]
         masks = {seed_k: seed_mask}
         only_area = VolumeSettings(min_similarity=-2.0, max_growth=float("inf"))
         for direction in (1, -1):
             steps = trace(models, seed_k, seed_mask, direction, image.spatial_shape[2], geometry, only_area)
             masks.update({s.index: s.mask for s in steps if not s.stop})
-        return _paste(masks, frame, image.spatial_shape)
+        return _paste(masks, image.spatial_shape)
     raise ValueError(method)
 
 
@@ -235,6 +234,7 @@ def volume_comparison(model, structures=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         task = OnePromptInfer(lambda device: model, TemplateStore(tmp), feature_cache_size=1024,
                               progress_every=1000, encoder_runtime="auto")
+        task.backbone.embeddings.max_items, task.backbone.embeddings.max_bytes = 8192, None  # SAM's zoomed windows
         contexts = {study: _study(task, path) for study, (path, _) in studies.items()}
         t = time.perf_counter()
         for study, (context, frame, _) in contexts.items():  # encode every slice once

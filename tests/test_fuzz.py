@@ -55,7 +55,7 @@ def test_schemathesis_finds_no_server_error_with_real_names(server):
 KEYS = ["foreground", "background", "roi", "slice", "axis", "modality", "ct_window", "zoom", "label",
         "prompt_encoder", "label_value", "result_extension", "result_dtype", "mode", "template", "templates",
         "slices", "threshold", "grid", "min_pixels", "iou_threshold", "prompt", "seglab_label", "seglab_value",
-        "doodle_foreground", "doodle_background", "volume_gate", "gate_margin", "top_k", "text", "classes"]
+        "doodle_foreground", "doodle_background", "volume", "gate_margin", "top_k", "text", "classes"]
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False)
                            | st.text(max_size=12), lambda inner: st.lists(inner, max_size=4), max_leaves=8)
 plausible = {

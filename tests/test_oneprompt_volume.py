@@ -36,29 +36,24 @@ class Phantom:
         radius = self.tip_radius + (20 - self.tip_radius) * (1 - abs(k - middle) / (middle - FIRST))
         return disk((128, 128), radius)
 
-    def features(self, index: int) -> dict:
-        return {"index": index}
+    def oneprompt(self, index: int) -> np.ndarray:
+        return self.truth(index).astype(np.float32)
 
-    def oneprompt(self, features: dict) -> torch.Tensor:
-        return torch.as_tensor(self.truth(features["index"]), dtype=torch.float32)
-
-    def sam(self, features: dict, box: np.ndarray) -> tuple[torch.Tensor, float]:
-        k = features["index"]
-        x0, y0, x1, y1 = np.asarray(box, int)
+    def sam(self, index: int, box_rc: tuple) -> tuple[np.ndarray, float]:
+        r0, c0, r1, c1 = (int(v) for v in box_rc)
         inside = np.zeros((SIZE, SIZE), bool)
-        inside[y0:y1 + 1, x0:x1 + 1] = True
-        if self.truth(k).any():
-            return torch.as_tensor((self.truth(k) & inside).astype(np.float32)), 0.9
-        if self.beyond == "leak":  # twice the box's area: the mask runs into a neighbour
-            grown = disk((128, 128), 1.5 * (x1 - x0) / 2)
-            return torch.as_tensor(grown.astype(np.float32)), 0.8
-        return torch.as_tensor(inside.astype(np.float32)), 0.5
+        inside[r0:r1 + 1, c0:c1 + 1] = True
+        if self.truth(index).any():
+            return self.truth(index) & inside, 0.9
+        if self.beyond == "leak":  # larger than the box: the mask runs into a neighbour
+            return disk((128, 128), 1.5 * (c1 - c0) / 2), 0.8
+        return inside, 0.5
 
-    def similarity(self, features: dict, mask: torch.Tensor) -> float:
-        truth = self.truth(features["index"])
+    def similarity(self, index: int, mask: np.ndarray) -> float:
+        truth = self.truth(index)
         if self.beyond == "leak":
             return 0.9  # looks like the template: only the growth rule can stop it
-        return 0.9 if truth.any() and (mask.numpy() & truth).sum() >= 0.5 * mask.sum().item() else 0.2
+        return 0.9 if truth.any() and (mask & truth).sum() >= 0.5 * mask.sum() else 0.2
 
 
 def test_propagation_follows_the_structure_and_stops_where_it_ends():
@@ -103,7 +98,7 @@ def test_the_physical_spacing_scales_the_growth_rule():
 
 def test_the_locator_picks_the_slice_most_like_the_template():
     phantom = Phantom()
-    found = locate(phantom, [40, 35, 25, 5], copied_box=np.array([100, 100, 160, 160], np.float32))
+    found = locate(phantom, [40, 35, 25, 5], copied_box=(100, 100, 160, 160))
     assert found["index"] == 25 and found["similarity"] == 0.9
     assert set(found["scores"]) == {40, 35, 25, 5}
 
@@ -121,7 +116,7 @@ def test_the_body_extent_ignores_dark_background_and_noise():
     assert body_extent(torch.as_tensor(volume), 2) == (12, 40)
 
 
-def test_mask_box_is_x0_y0_x1_y1():
+def test_mask_box_is_row0_col0_row1_col1():
     mask = np.zeros((SIZE, SIZE), bool)
     mask[50:60, 70:90] = True
-    assert mask_box(mask).tolist() == [70, 50, 89, 59]
+    assert mask_box(mask) == (50, 70, 59, 89)

@@ -50,6 +50,7 @@ class OnePromptConfig(TaskConfig):
             feature_cache_bytes=mebibytes(self.settings.get("oneprompt_feature_cache_mb")),
             default_modality=self.settings["modality"], default_ct_window=self.settings["ct_window"],
             encoder_runtime=self.settings.get("encoder_runtime", "auto"), runtime_cache_dir=self.runtime_cache_dir,
+            backbone=self.shared,
             description="One-Prompt: register a prompted slice as a template (mode register), then segment "
                         "volumes and images with it (segment), or prompt a slice (interactive, everything)")}
 

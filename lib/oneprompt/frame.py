@@ -70,6 +70,17 @@ class SliceFrame:
         y0, y1 = (r0 - self.window.row0) * sr, (r1 - self.window.row0 + 1) * sr - 1
         return np.clip(np.array([x0, y0, max(x1, x0), max(y1, y0)], dtype=np.float32), 0, self.size - 1)
 
+    def box_to_slice(self, box_xy: np.ndarray) -> tuple[float, float, float, float]:
+        """Model (x0, y0, x1, y1), first and last model pixels -> slice box (row0, col0, row1, col1), inclusive
+        voxels (the inverse of `box_to_model`)."""
+        x0, y0, x1, y1 = (float(v) for v in box_xy)
+        sr, sc = self.scale
+        c0, c1 = x0 / sc + self.window.col0, (x1 + 1) / sc - 1 + self.window.col0
+        r0, r1 = y0 / sr + self.window.row0, (y1 + 1) / sr - 1 + self.window.row0
+        rows, cols = self.slice_shape
+        clip = lambda v, n: float(min(max(v, 0.0), n - 1))
+        return clip(r0, rows), clip(c0, cols), clip(max(r1, r0), rows), clip(max(c1, c0), cols)
+
     def mask_to_model(self, mask_rc: np.ndarray) -> np.ndarray:
         """A (rows, cols) slice mask -> (size, size) uint8, resized as training resized its masks."""
         crop = crop_window(torch.as_tensor(np.asarray(mask_rc, dtype=np.float32))[None], self.window)

@@ -13,13 +13,13 @@ Modes (request parameter `mode`):
   template predicts the image, their probabilities are averaged (the paper's template ensembling) and thresholded
   at `threshold` (0.5). Volumes, sliced across `axis` (default: the template's), within `slices` = [start, end)
   (default: all), as `volume` says:
-  - "propagate" (default; lib/oneprompt/volume.py): from a seed slice outwards, LiteMedSAM from the box of the
+  - "gate" (the default): every slice predicted by the templates, then the volume gate keeps
+    the unbroken run of slices around the most template-like one whose predicted region still looks like the
+    template's (prototype cosine within `gate_margin`, 0.1, of the peak; `consistent_run`);
+  - "propagate" (lib/oneprompt/volume.py; not yet the default, README): from a seed slice outwards, LiteMedSAM from the box of the
     previous slice's mask, until the structure ends; the seed is the template slice on the template's own volume,
     and is located on another study (One-Prompt's prediction and the template's prototype, around the template
     slice's relative position in the body);
-  - "gate" (the served default until 2026-12): every slice predicted by the templates, then the volume gate keeps
-    the unbroken run of slices around the most template-like one whose predicted region still looks like the
-    template's (prototype cosine within `gate_margin`, 0.1, of the peak; `consistent_run`);
   - "slices": every slice predicted, nothing removed: the paper's output.
   Slices that are uniform inside the image's non-zero box are skipped without running the encoder.
 - `interactive`: One-Prompt's interactive mode, template = query: the prompt on the current slice, answered on that
@@ -65,16 +65,20 @@ from lib.oneprompt.prompts import parse_template_prompt, prompt_kind, resolve_la
 from lib.oneprompt.templates import TemplateStore
 from lib.core.device import pick_device
 from lib.core.runtime import FrozenForward, resolve_runtime
+from lib.core.backbone import Backbone
+from lib.core.cache import EmbeddingKey
+from lib.core.predictor import PredictorSettings, PromptPredictor
+from lib.core.prompts import SlicePrompt
 from lib.core.transforms.geometry import in_plane_axes
 from lib.oneprompt.preprocessing import SIZE
-from lib.oneprompt.volume import (Geometry, VolumeSettings, body_extent, largest_run, locate, mask_box,
-                                  relative_position, seed_from_box, trace)
+from lib.oneprompt.volume import Geometry, VolumeSettings, body_extent, largest_run, locate, relative_position, trace
 
 logger = logging.getLogger(__name__)
 
 MODES = ("register", "segment", "interactive", "everything")
-# How `segment` treats a volume: "propagate" (the default, lib/oneprompt/volume.py), "gate" (the model on every
-# slice, then the volume gate: the served default until 2026-12), "slices" (the model on every slice, as the paper).
+# How `segment` treats a volume: "gate" (the default: the model on every slice, then the volume gate), "propagate"
+# (lib/oneprompt/volume.py; not yet the default: its stop rule is still being chosen, README), "slices" (the model
+# on every slice, as the paper).
 VOLUME_METHODS = ("propagate", "gate", "slices")
 SEED_PREFERENCE = ("seglab", "bbox", "doodle", "click")
 DECODE_BATCH = 16  # "everything" prompts decoded at once (each ~2 MiB of head activations)
@@ -86,11 +90,10 @@ class OnePromptInfer(InferTask):
                  device: str | None = None, image_loader: Callable[[str], tuple[LoadedImage, bool]] | None = None,
                  feature_cache_size: int = 32, feature_cache_bytes: int | None = None, default_modality: str | None = None, default_ct_window=None,
                  progress_every: int = 10, encoder_runtime: str = "eager", runtime_cache_dir: str | None = None,
-                 sam_factory: Callable[[torch.device], torch.nn.Module] | None = None,
-                 volume_settings: VolumeSettings | None = None):
+                 backbone: Backbone | None = None, volume_settings: VolumeSettings | None = None):
         """encoder_runtime, runtime_cache_dir: where the frozen encoder's features are computed (lib.core.runtime).
-        sam_factory: the LiteMedSAM whose box decoder segments volumes (`volume` "propagate"; default: the bundled
-        LiteMedSAM, whose encoder One-Prompt's decoder was trained on)."""
+        backbone: the served LiteMedSAM whose box path segments volumes (`volume` "propagate"; default: a backbone
+        of its own on the bundled LiteMedSAM, the encoder One-Prompt's decoder was trained on)."""
         super().__init__(
             type=InferType.DEEPGROW,  # Slicer and OHIF show click and box tools for deepgrow-type models
             labels=[],
@@ -98,7 +101,7 @@ class OnePromptInfer(InferTask):
             description=description,
             # `label` and `template` here put them in OHIF's Options dialog: the panel sends only clicks and these.
             config={"mode": "", "label": "", "template": "", "modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
-                    "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7, "volume": "propagate",
+                    "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7, "volume": "gate",
                     "gate_margin": 0.1},
         )
         self.model_factory = model_factory
@@ -109,7 +112,9 @@ class OnePromptInfer(InferTask):
         self.image_loader = image_loader or ImageCache(4).get
         self.progress_every = progress_every
         self.lazy_model = LazyModel(model_factory, self.device, "One-Prompt model")
-        self.lazy_sam = LazyModel(sam_factory or _bundled_litemedsam, self.device, "LiteMedSAM model")
+        self.backbone = backbone or Backbone(_bundled_litemedsam, "litemedsam", device=str(self.device),
+                                             encoder_runtime=encoder_runtime, runtime_cache_dir=runtime_cache_dir)
+        self._box_predictor: PromptPredictor | None = None
         self.volume_settings = volume_settings or VolumeSettings()
         self.encoder_runtime = resolve_runtime(encoder_runtime, self.device)
         self.runtime_cache_dir = runtime_cache_dir
@@ -305,7 +310,7 @@ class OnePromptInfer(InferTask):
         templates = [self.store.load(i) for i in self.store.resolve(names)]
         image = context["image"]
         axis = self.axis_for(req, image, default=templates[0].meta.get("axis"))
-        method = str(req.get("volume") or "propagate").strip().lower()
+        method = str(req.get("volume") or "gate").strip().lower()
         if method not in VOLUME_METHODS:
             raise bad_request(f"'volume' must be one of {', '.join(VOLUME_METHODS)}, got {req.get('volume')!r}")
         if axis is not None and method == "propagate":
@@ -372,7 +377,7 @@ class OnePromptInfer(InferTask):
         indices = self.slice_range(req, image, axis)
         settings = self.volume_settings
         models = TemplateSliceModels(self, context, axis, frame, templates)
-        geometry = slice_geometry(image, axis, frame)
+        geometry = slice_geometry(image, axis)
         lo, hi = indices[0], indices[-1] + 1
         progress = current_progress()
         progress.begin(len(indices), "segmenting slices from the seed")
@@ -387,8 +392,14 @@ class OnePromptInfer(InferTask):
         own = next((n for n in ranked if self.is_template_volume(templates[n], image, axis, frame)
                     and lo <= templates[n].meta["slice"] < hi), None)
         if own is not None:
-            seed = {"index": templates[own].meta["slice"], "mask": models.template_masks[own],
-                    "source": f"the template slice ({templates[own].id})", "similarity": 1.0}
+            k0 = templates[own].meta["slice"]
+            visit(k0)
+            if templates[own].prompt["kind"] == "seglab":  # the mask drawn is the structure on its slice
+                mask = (frame.to_slice(torch.as_tensor(models.template_masks[own], dtype=torch.float32)) > 0.5).numpy()
+            else:
+                mask = models.sam(k0, models.slice_box(models.template_boxes[own]))[0]
+            seed = {"index": k0, "mask": mask, "source": f"the template slice ({templates[own].id})",
+                    "similarity": 1.0}
         else:
             primary = templates[ranked[0]]
             extent = body_extent(image, axis)
@@ -398,7 +409,7 @@ class OnePromptInfer(InferTask):
             candidates = [k for k in indices if abs(k - centre) <= reach] or indices
             candidates.sort(key=lambda k: abs(k - centre))  # the likeliest first: progress means something
             progress.begin(len(indices) + len(candidates), "locating the structure, then segmenting")
-            seed = locate(models, candidates, models.template_boxes[ranked[0]], on_slice=visit)
+            seed = locate(models, candidates, models.slice_box(models.template_boxes[ranked[0]]), on_slice=visit)
         masks, stopped = {}, {}
         if seed is not None:
             masks[seed["index"]] = seed["mask"]
@@ -411,8 +422,7 @@ class OnePromptInfer(InferTask):
         value = label_value(req)
         volume = np.zeros(image.spatial_shape, dtype=_label_dtype(value))
         for index, mask in masks.items():
-            on_slice = (frame.to_slice(torch.as_tensor(mask, dtype=torch.float32)) > 0.5).numpy()
-            paste_slice(on_slice.astype(volume.dtype) * value, image.spatial_shape, axis, index, volume)
+            paste_slice(mask.astype(volume.dtype) * value, image.spatial_shape, axis, index, volume)
         progress.done = progress.total or 0
         kept = sorted(masks)
         volume_info = {"method": "propagate", "seed_slice": seed["index"] if seed else None,
@@ -424,7 +434,8 @@ class OnePromptInfer(InferTask):
         return volume, {"label_names": {self.label_name(req, required=False) or label: value},
                         "templates": [t.id for t in templates], "axis": axis, "slices": [lo, hi],
                         "labelled_slices": len(kept), "volume": volume_info,
-                        "encoder_runs": context["encoder_runs"], "mask_voxels": int((volume > 0).sum())}
+                        "sam_encoder_runs": context.get("sam_encoder_runs", 0),
+                        "mask_voxels": int((volume > 0).sum())}
 
     @staticmethod
     def is_template_volume(template, image: LoadedImage, axis: int, frame: SliceFrame) -> bool:
@@ -435,15 +446,34 @@ class OnePromptInfer(InferTask):
                 and list(meta.get("window_rc") or []) == list(frame.window.as_tuple()))
 
     @property
-    def sam(self) -> torch.nn.Module:
-        return self.lazy_sam.get()
+    def box_predictor(self) -> PromptPredictor:
+        if self._box_predictor is None:
+            self._box_predictor = self.backbone.predictor(PredictorSettings())
+        return self._box_predictor
 
-    def sam_probabilities(self, features: dict, box: np.ndarray) -> tuple[torch.Tensor, float]:
-        """(S, S) LiteMedSAM probabilities from a model-frame box on a slice's One-Prompt "neck" features (the same
-        frozen encoder: no second encoding), and SAM's predicted IoU."""
+    def sam_on_slice(self, context: dict, axis: int, index: int, box_rc: tuple) -> tuple[np.ndarray, float] | None:
+        """LiteMedSAM's (H, W) mask from a slice box, as the `litemedsam` model answers a user's box (zoomed into a
+        small structure; the embedding cached on the shared backbone), and its predicted IoU; None for a uniform
+        slice."""
+        image = context["image"]
+        slice_image = image.normalised_slice(axis, index, context["intensity"])
+        if float(slice_image.max()) == float(slice_image.min()):
+            return None
+        prompt = SlicePrompt(axis, index, np.zeros((0, 2)), np.zeros((0, 2)), tuple(float(v) for v in box_rc))
+        key = EmbeddingKey(image.fingerprint, context["range_key"], axis, index)
+        mask, info = self.box_predictor.predict(slice_image, prompt, key)
+        context["sam_encoder_runs"] = context.get("sam_encoder_runs", 0) + info["encoder_runs"]
+        return mask, float(info["predicted_iou"])
+
+    def sam_on_features(self, features: dict, box: np.ndarray) -> tuple[torch.Tensor, float]:
+        """(S, S) LiteMedSAM probabilities from a model-frame box on One-Prompt's stored "neck" features of a
+        template slice (the same frozen encoder), and SAM's predicted IoU."""
+        model = self.backbone.model
         embedding = features["neck"].to(self.device, torch.float32)
+        box = np.clip(np.asarray(box, np.float32) + np.array([-1, -1, 1, 1], np.float32) *
+                      PredictorSettings.box_padding, 0, SIZE - 1)
         with torch.inference_mode():
-            logits, iou = self.sam.decode(embedding, boxes=torch.as_tensor(np.asarray(box, np.float32)[None]))
+            logits, iou = model.decode(embedding, boxes=torch.as_tensor(box[None]))
         return torch.sigmoid(logits[0, 0].float()).cpu(), float(iou[0, 0])
 
     def template_prototypes(self, templates: list, prompts: list, threshold: float) -> torch.Tensor:
@@ -529,66 +559,86 @@ class OnePromptInfer(InferTask):
 
 
 class TemplateSliceModels:
-    """lib.oneprompt.volume's SliceModels on an infer task's cached slice features, for a list of templates (their
-    One-Prompt probabilities averaged, their prototypes too)."""
+    """lib.oneprompt.volume's SliceModels for a list of templates on one image: One-Prompt on the task's cached slice
+    features (the templates' probabilities averaged, their prototypes too), SAM through the served LiteMedSAM box
+    path (`box_predictor`: zoomed into small structures, embeddings cached with the `litemedsam` model's)."""
 
     def __init__(self, task: OnePromptInfer, context: dict, axis: int, frame: SliceFrame, templates: list):
         self.task, self.context, self.axis, self.frame, self.templates = task, context, axis, frame, templates
         self.prompts = [task.model_prompt(t.prompt, t.image) for t in templates]
         seeds = [self.template_seed(t, p) for t, p in zip(templates, self.prompts)]
-        self.template_boxes = [box for box, _ in seeds]
-        self.template_masks = [mask for _, mask in seeds]
+        self.template_boxes = [box for box, _ in seeds]  # model frame (x0, y0, x1, y1)
+        self.template_masks = [mask for _, mask in seeds]  # model frame (S, S)
         prototypes = [masked_prototype(t.features["neck"].float(), torch.as_tensor(m, dtype=torch.float32)[None, None])[0]
                       for t, m in zip(templates, self.template_masks)]
         self.prototypes = torch.nn.functional.normalize(torch.stack(prototypes), dim=1)
 
     def template_seed(self, template, prompt) -> tuple[np.ndarray, np.ndarray]:
-        """(box, mask) of the structure on the template's own slice, model frame: a SegLab template's mask; else
-        SAM from the box (a click's or doodle's box: that of One-Prompt's own prediction and the positive points)."""
+        """(box, mask) of the structure on the template's own slice in its model frame (what its prototype is
+        averaged under): a SegLab template's mask; else SAM (on the stored features) from the box, a click's or a
+        doodle's box being that of One-Prompt's own prediction and the positive points."""
         stored = template.prompt
         if stored["kind"] == "seglab":
             mask = np.asarray(stored["mask"]) > 0
-            return mask_box(mask), mask
+            return _model_box(mask), mask
         if stored["kind"] == "bbox":
             box = np.asarray(stored["box"], np.float32)
         else:
             own = (self.task.probabilities(template.features, template.features, prompt)[0] > 0.5).numpy()
             points = np.asarray(stored["points"], np.float32)[np.asarray(stored["labels"]) > 0]
-            xs = np.concatenate([np.nonzero(own)[1], points[:, 0]]) if len(points) else np.nonzero(own)[1]
-            ys = np.concatenate([np.nonzero(own)[0], points[:, 1]]) if len(points) else np.nonzero(own)[0]
+            xs = np.concatenate([np.nonzero(own)[1], points[:, 0]])
+            ys = np.concatenate([np.nonzero(own)[0], points[:, 1]])
             if not len(xs):
                 raise bad_request(f"template {template.id}: its prompt has no positive point and its own slice no "
                                   "prediction: register it again with a box or a mask")
             box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
-        mask, _ = seed_from_box(self, template.features, box)
+        probs, _ = self.task.sam_on_features(template.features, box)
+        mask = probs.numpy() > 0.5
         if not mask.any():  # SAM found nothing in the box: the box itself
-            mask = np.zeros((SIZE, SIZE), bool)
             x0, y0, x1, y1 = np.round(box).astype(int)
             mask[y0:y1 + 1, x0:x1 + 1] = True
         return box, mask
+
+    def slice_box(self, box_model: np.ndarray) -> tuple:
+        """A template's model-frame box at the same relative place of this image's slices."""
+        return self.frame.box_to_slice(box_model)
 
     def features(self, index: int) -> dict | None:
         encoded = self.task.encoded(self.context, self.axis, index, self.frame)
         return None if encoded is None else encoded[1]
 
-    def oneprompt(self, features: dict) -> torch.Tensor:
-        return torch.stack([self.task.probabilities(features, t.features, p)[0]
-                            for t, p in zip(self.templates, self.prompts)]).mean(0)
+    def oneprompt(self, index: int) -> np.ndarray | None:
+        features = self.features(index)
+        if features is None:
+            return None
+        probs = torch.stack([self.task.probabilities(features, t.features, p)[0]
+                             for t, p in zip(self.templates, self.prompts)]).mean(0)
+        return self.frame.to_slice(probs).numpy()
 
-    def sam(self, features: dict, box: np.ndarray) -> tuple[torch.Tensor, float]:
-        return self.task.sam_probabilities(features, box)
+    def sam(self, index: int, box_rc: tuple) -> tuple[np.ndarray, float] | None:
+        return self.task.sam_on_slice(self.context, self.axis, index, box_rc)
 
-    def similarity(self, features: dict, mask: torch.Tensor) -> float:
-        return prototype_consistency(features["neck"], mask, self.prototypes)
+    def similarity(self, index: int, mask: np.ndarray) -> float:
+        features = self.features(index)
+        if features is None:
+            return -1.0
+        model_mask = torch.as_tensor(self.frame.mask_to_model(mask), dtype=torch.bool)
+        if not model_mask.any():
+            return -1.0
+        return prototype_consistency(features["neck"], model_mask, self.prototypes)
 
 
-def slice_geometry(image: LoadedImage, axis: int, frame: SliceFrame) -> Geometry:
-    """The physical size of a model pixel of this frame and the slice spacing (mm; 1 where the affine has none)."""
+def _model_box(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], np.float32)
+
+
+def slice_geometry(image: LoadedImage, axis: int) -> Geometry:
+    """The physical size of a slice pixel (rows, cols) and the slice spacing (mm; 1 where the affine has none)."""
     spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
     spacing = np.where(np.isfinite(spacing) & (spacing > 0), spacing, 1.0)
     col_axis, row_axis = in_plane_axes(axis)
-    rows, cols = frame.scale
-    return Geometry((float(spacing[row_axis] / rows), float(spacing[col_axis] / cols)), float(spacing[axis]))
+    return Geometry((float(spacing[row_axis]), float(spacing[col_axis])), float(spacing[axis]))
 
 
 # -- segment everything: prompts and mask selection -----------------------------------------------------------------

@@ -19,9 +19,10 @@ One-Prompt's pieces as the locator and the check:
    template's falls below `min_similarity`; or it grows by more than `max_growth` per mm of slice spacing (a leak
    into a neighbour).
 
-Everything here is in One-Prompt's model frame (the body box of a slice stretched to size x size, lib/oneprompt/frame.py),
-where the SAM decoder reads the slice's cached One-Prompt "neck" features: the frozen encoder is LiteMedSAM's own,
-so each slice is encoded once for both models. Independent of MONAI Label: the caller passes `SliceModels`.
+Everything here is in slice pixels (rows, cols of the slice; the physical units come from the voxel spacing). SAM
+is the served LiteMedSAM box path (lib/core/predictor.py: a small structure's box is zoomed into, as for a user's
+box; measured on 24 training-structure slices with their true boxes: Dice 0.767 zoomed, 0.699 on One-Prompt's
+whole-slice features). Independent of MONAI Label: the caller passes `SliceModels`.
 """
 
 from __future__ import annotations
@@ -33,9 +34,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from lib.oneprompt.preprocessing import SIZE
 
-BOX_PADDING = 6.0  # model pixels on each side of a box, as the app pads a user's box (MedSAM's jittered boxes)
 
 
 @dataclass(frozen=True)
@@ -48,22 +47,20 @@ class VolumeSettings:
 
 
 class SliceModels(Protocol):
-    def features(self, index: int) -> dict | None:
-        """The slice's cached One-Prompt features (None: a uniform slice)."""
+    def sam(self, index: int, box_rc: tuple) -> tuple[np.ndarray, float] | None:
+        """SAM's (H, W) bool mask on slice `index` from a slice box (row0, col0, row1, col1), and its predicted IoU;
+        None for a uniform slice."""
 
-    def oneprompt(self, features: dict) -> torch.Tensor:
-        """(S, S) One-Prompt probabilities of the template's structure on the slice."""
+    def oneprompt(self, index: int) -> np.ndarray | None:
+        """(H, W) One-Prompt probabilities of the template's structure on the slice; None for a uniform slice."""
 
-    def sam(self, features: dict, box: np.ndarray) -> tuple[torch.Tensor, float]:
-        """(S, S) SAM probabilities from a model-frame box (x0, y0, x1, y1), and SAM's predicted IoU."""
-
-    def similarity(self, features: dict, mask: torch.Tensor) -> float:
-        """Prototype cosine of the slice's features under `mask` to the template's."""
+    def similarity(self, index: int, mask: np.ndarray) -> float:
+        """Prototype cosine of the slice's features under `mask` (H, W) to the template's."""
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Physical size of one model pixel (rows, cols) and the slice spacing, in mm."""
+    """Physical size of a slice pixel (rows, cols) and the slice spacing, in mm."""
 
     pixel_mm: tuple[float, float]
     spacing_mm: float
@@ -73,18 +70,14 @@ class Geometry:
         return float(self.pixel_mm[0] * self.pixel_mm[1])
 
 
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """(x0, y0, x1, y1) model pixels of a non-empty (S, S) mask."""
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """(row0, col0, row1, col1), inclusive, of a non-empty (H, W) mask."""
     rows, cols = np.nonzero(mask)
-    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float32)
-
-
-def padded(box: np.ndarray, size: int) -> np.ndarray:
-    return np.clip(np.asarray(box, np.float32) + np.array([-1, -1, 1, 1], np.float32) * BOX_PADDING, 0, size - 1)
+    return float(rows.min()), float(cols.min()), float(rows.max()), float(cols.max())
 
 
 def dilate_mm(mask: np.ndarray, radius_mm: float, geometry: Geometry) -> np.ndarray:
-    """`mask` dilated by an ellipse of radius_mm in physical units (model pixels are not square)."""
+    """`mask` dilated by an ellipse of radius_mm in physical units (pixels need not be square)."""
     ry = max(1, int(round(radius_mm / geometry.pixel_mm[0])))
     rx = max(1, int(round(radius_mm / geometry.pixel_mm[1])))
     y, x = np.ogrid[-ry:ry + 1, -rx:rx + 1]
@@ -137,16 +130,16 @@ def trace(models: SliceModels, seed_index: int, seed_mask: np.ndarray, direction
     while lo <= index < hi:
         if on_slice:
             on_slice(index)
-        features = models.features(index)
-        if features is None:
+        answer = models.sam(index, mask_box(previous))
+        if answer is None:
             steps.append(Step(index, np.zeros_like(previous), 0.0, -1.0, 0.0, 0.0, "uniform slice"))
             break
-        probs, iou = models.sam(features, padded(mask_box(previous), SIZE))
-        mask = touching(probs.numpy() > 0.5, dilate_mm(previous, reach, geometry))
+        mask = touching(answer[0], dilate_mm(previous, reach, geometry))
+        iou = answer[1]
         area = float(mask.sum()) * geometry.pixel_area_mm2
         previous_area = float(previous.sum()) * geometry.pixel_area_mm2
         growth = (area / max(previous_area, 1e-6) - 1.0) / max(geometry.spacing_mm, 1e-6)
-        similarity = models.similarity(features, torch.as_tensor(mask)) if mask.any() else -1.0
+        similarity = models.similarity(index, mask) if mask.any() else -1.0
         step = Step(index, mask, area, similarity, float(iou), growth)
         step.stop = stop(step)
         steps.append(step)
@@ -164,12 +157,6 @@ def kept_steps(steps: list[Step], stop: Callable[[Step], str | None]) -> list[St
             break
         out.append(step)
     return out
-
-
-def seed_from_box(models: SliceModels, features: dict, box: np.ndarray) -> tuple[np.ndarray, float]:
-    """SAM's mask (S, S) bool from a model-frame box, and its predicted IoU."""
-    probs, iou = models.sam(features, padded(box, SIZE))
-    return probs.numpy() > 0.5, iou
 
 
 def body_extent(image, axis: int) -> tuple[int, int]:
@@ -193,28 +180,28 @@ def relative_position(index: int, extent: tuple[int, int]) -> float:
     return (index - first) / max(1, last - first)
 
 
-def locate(models: SliceModels, candidates: list[int], copied_box: np.ndarray | None,
+def locate(models: SliceModels, candidates: list[int], copied_box: tuple | None,
            on_slice: Callable[[int], None] | None = None) -> dict | None:
     """The seed on another study: of the candidate slices, the SAM mask (from the box of One-Prompt's prediction,
-    or the copied template box) most like the template's. {index, mask, similarity, source, scores} or None."""
+    or the copied template box, slice pixels) most like the template's. {index, mask, similarity, source, scores}
+    or None."""
     best, scores = None, {}
     for index in candidates:
         if on_slice:
             on_slice(index)
-        features = models.features(index)
-        if features is None:
+        probabilities = models.oneprompt(index)
+        if probabilities is None:
             continue
         boxes = {}
-        predicted = models.oneprompt(features).numpy() > 0.5
-        if predicted.any():
-            boxes["oneprompt"] = mask_box(predicted)
+        if (probabilities > 0.5).any():
+            boxes["oneprompt"] = mask_box(probabilities > 0.5)
         if copied_box is not None:
-            boxes["copied box"] = np.asarray(copied_box, np.float32)
+            boxes["copied box"] = tuple(copied_box)
         for source, box in boxes.items():
-            mask, _ = seed_from_box(models, features, box)
+            mask, _ = models.sam(index, box)
             if not mask.any():
                 continue
-            similarity = models.similarity(features, torch.as_tensor(mask))
+            similarity = models.similarity(index, mask)
             scores[index] = max(scores.get(index, -1.0), similarity)
             if best is None or similarity > best["similarity"]:
                 best = {"index": index, "mask": mask, "similarity": similarity, "source": source}
