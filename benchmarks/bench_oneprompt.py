@@ -197,7 +197,8 @@ def baseline(method: str, task, template, study: tuple, template_study: tuple, t
             seed_k = int(round(first + template.meta["relative_position"] * (last - first)))
         seed_mask = models.sam(seed_k, box)[0]
         masks = {seed_k: seed_mask}
-        only_area = VolumeSettings(min_similarity=-2.0, max_growth=float("inf"))
+        only_area = VolumeSettings(max_similarity_drop=float("inf"), max_growth=float("inf"),
+                                   max_intensity_shift=float("inf"), anchor=False)
         for direction in (1, -1):
             steps = trace(models, seed_k, seed_mask, direction, image.spatial_shape[2], geometry, only_area)
             masks.update({s.index: s.mask for s in steps if not s.stop})
@@ -299,6 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--templates", type=int, default=None, help="templates per held-out task (default: all, 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-volume", action="store_true", help="no whole-volume timing or Dice")
+    p.add_argument("--skip-timing", action="store_true", help="no per-slice or per-volume timing")
     p.add_argument("--skip-dice", action="store_true",
                    help="no held-out slice Dice (timings and whole-volume Dice only)")
     p.add_argument("--volume-structures", default=None,
@@ -313,10 +315,10 @@ def main(argv=None) -> int:
     sam = build_litemedsam().eval()
     store = op.SampleStore(DATA)
     cache = op.FeatureCache(os.path.join(DATA, "features"), store, views=1)
-    cache.build(model)  # clean views only; already there after training
     report = {"weights": os.path.relpath(args.weights, REPO), "threads": args.threads,
               "date": time.strftime("%Y-%m-%d")}
     if not args.skip_dice:
+        cache.build(model)  # clean views only; already there after training
         t = time.perf_counter()
         threshold = op.calibrate_prototype_threshold(store, cache, max_tasks=20)
         result = op.evaluate(model, store, cache, sam=sam, prototype_threshold=threshold,
@@ -325,9 +327,10 @@ def main(argv=None) -> int:
         report["dice_seconds"] = time.perf_counter() - t
         report["prototype_threshold"] = threshold
         print(markdown(report["dice"]))
-    report["slice_timing"] = time_slices(model, sam)
-    print(json.dumps(report["slice_timing"], indent=1))
-    if not args.skip_volume:
+    if not args.skip_timing:
+        report["slice_timing"] = time_slices(model, sam)
+        print(json.dumps(report["slice_timing"], indent=1))
+    if not args.skip_volume and not args.skip_timing:
         report["volume_timing"] = time_volume(model)
         print(json.dumps(report["volume_timing"], indent=1))
     if not args.skip_volume:

@@ -49,10 +49,16 @@ class Phantom:
             return disk((128, 128), 1.5 * (c1 - c0) / 2), 0.8
         return inside, 0.5
 
+    def intensity(self, index: int) -> np.ndarray:
+        ripple = 0.01 * (np.arange(SIZE) % 3)[None, :]
+        if self.beyond == "leak":  # the neighbour it leaks into has the structure's intensity
+            return np.full((SIZE, SIZE), 0.5) + ripple
+        return np.where(self.truth(index), 0.5, 0.2) + ripple
+
     def similarity(self, index: int, mask: np.ndarray) -> float:
         truth = self.truth(index)
-        if self.beyond == "leak":
-            return 0.9  # looks like the template: only the growth rule can stop it
+        if self.beyond in ("leak", "look-alike"):
+            return 0.9  # looks like the template to the prototype
         return 0.9 if truth.any() and (mask & truth).sum() >= 0.5 * mask.sum() else 0.2
 
 
@@ -75,6 +81,12 @@ def test_a_structure_that_fades_out_stops_on_the_area_rule():
     assert all(s.area_mm2 >= 4.0 for s in steps[:-1])
 
 
+def test_tissue_of_another_intensity_stops_on_the_intensity_rule():
+    phantom = Phantom(beyond="look-alike")  # the prototype cannot tell, the intensity can
+    steps = trace(phantom, 20, phantom.truth(20), 1, 60, GEOMETRY, VolumeSettings())
+    assert steps[-1].stop == "ended (other tissue)" and steps[-1].index == LAST + 1
+
+
 def test_a_leak_into_a_similar_neighbour_stops_on_the_growth_rule():
     phantom = Phantom(beyond="leak")
     steps = trace(phantom, 20, phantom.truth(20), 1, 60, GEOMETRY, VolumeSettings(max_growth=1.0))
@@ -89,7 +101,8 @@ def test_a_leak_into_a_similar_neighbour_stops_on_the_growth_rule():
 def test_the_physical_spacing_scales_the_growth_rule():
     """The same change of area between two slices counts five times less on 5 mm slices than on 1 mm ones."""
     phantom = Phantom(beyond="leak")
-    never = VolumeSettings(max_growth=float("inf"), min_similarity=-2.0)
+    never = VolumeSettings(max_growth=float("inf"), max_similarity_drop=float("inf"),
+                           max_intensity_shift=float("inf"))
     thin = trace(phantom, 20, phantom.truth(20), 1, 40, GEOMETRY, never)
     thick = trace(phantom, 20, phantom.truth(20), 1, 40, Geometry(pixel_mm=(1.0, 1.0), spacing_mm=5.0), never)
     leak = LAST + 1 - 21  # the step onto the first slice past the structure
@@ -98,8 +111,11 @@ def test_the_physical_spacing_scales_the_growth_rule():
 
 def test_the_locator_picks_the_slice_most_like_the_template():
     phantom = Phantom()
-    found = locate(phantom, [40, 35, 25, 5], copied_box=(100, 100, 160, 160))
+    found = locate(phantom, [40, 35, 25, 5], (100, 100, 160, 160), centre=30, reach=15, settings=VolumeSettings())
     assert found["index"] == 25 and found["similarity"] == 0.9
+    # the same look of the structure, nearer to where the template slice lies, wins
+    nearer = locate(phantom, [12, 25], (100, 100, 160, 160), centre=12, reach=15, settings=VolumeSettings())
+    assert nearer["index"] == 12
     assert set(found["scores"]) == {40, 35, 25, 5}
 
 

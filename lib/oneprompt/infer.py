@@ -12,11 +12,12 @@ Modes (request parameter `mode`):
   "<label>/<n>"; `templates`: a list of template ids or labels, to use just those). 2D images in one go: each
   template predicts the image, their probabilities are averaged (the paper's template ensembling) and thresholded
   at `threshold` (0.5). Volumes, sliced across `axis` (default: the template's), within `slices` = [start, end)
-  (default: all), as `volume` says:
-  - "gate" (the default): every slice predicted by the templates, then the volume gate keeps
+  (default: all), as `volume` says ("auto", the default: "propagate" on the volume a template was registered on,
+  "gate" on other studies, the better of the two on each, README):
+  - "gate": every slice predicted by the templates, then the volume gate keeps
     the unbroken run of slices around the most template-like one whose predicted region still looks like the
     template's (prototype cosine within `gate_margin`, 0.1, of the peak; `consistent_run`);
-  - "propagate" (lib/oneprompt/volume.py; not yet the default, README): from a seed slice outwards, LiteMedSAM from the box of the
+  - "propagate" (lib/oneprompt/volume.py): from a seed slice outwards, LiteMedSAM from the box of the
     previous slice's mask, until the structure ends; the seed is the template slice on the template's own volume,
     and is located on another study (One-Prompt's prediction and the template's prototype, around the template
     slice's relative position in the body);
@@ -76,10 +77,10 @@ from lib.oneprompt.volume import Geometry, VolumeSettings, body_extent, largest_
 logger = logging.getLogger(__name__)
 
 MODES = ("register", "segment", "interactive", "everything")
-# How `segment` treats a volume: "gate" (the default: the model on every slice, then the volume gate), "propagate"
-# (lib/oneprompt/volume.py; not yet the default: its stop rule is still being chosen, README), "slices" (the model
-# on every slice, as the paper).
-VOLUME_METHODS = ("propagate", "gate", "slices")
+# How `segment` treats a volume: "propagate" (lib/oneprompt/volume.py), "gate" (the model on every slice, then the
+# volume gate), "slices" (the model on every slice, as the paper), or "auto" (the default): propagate on the volume
+# the template was registered on, the gate on other studies, the better of the two on each (README, 2026-12-03).
+VOLUME_METHODS = ("auto", "propagate", "gate", "slices")
 SEED_PREFERENCE = ("seglab", "bbox", "doodle", "click")
 DECODE_BATCH = 16  # "everything" prompts decoded at once (each ~2 MiB of head activations)
 
@@ -101,7 +102,7 @@ class OnePromptInfer(InferTask):
             description=description,
             # `label` and `template` here put them in OHIF's Options dialog: the panel sends only clicks and these.
             config={"mode": "", "label": "", "template": "", "modality": default_modality or "", "ct_window": default_ct_window or "soft_tissue",
-                    "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7, "volume": "gate",
+                    "threshold": 0.5, "grid": 8, "min_pixels": 10, "iou_threshold": 0.7, "volume": "auto",
                     "gate_margin": 0.1},
         )
         self.model_factory = model_factory
@@ -310,9 +311,13 @@ class OnePromptInfer(InferTask):
         templates = [self.store.load(i) for i in self.store.resolve(names)]
         image = context["image"]
         axis = self.axis_for(req, image, default=templates[0].meta.get("axis"))
-        method = str(req.get("volume") or "gate").strip().lower()
+        method = str(req.get("volume") or "auto").strip().lower()
         if method not in VOLUME_METHODS:
             raise bad_request(f"'volume' must be one of {', '.join(VOLUME_METHODS)}, got {req.get('volume')!r}")
+        if method == "auto" and axis is not None:
+            frame = self.frame(image, axis)
+            own = any(self.is_template_volume(t, image, axis, frame) for t in templates)
+            method = "propagate" if own else "gate"
         if axis is not None and method == "propagate":
             return self.segment_propagated(req, context, templates, axis)
         return self.segment_every_slice(req, context, templates, axis, gate=axis is not None and method == "gate")
@@ -406,16 +411,20 @@ class OnePromptInfer(InferTask):
             position = primary.meta.get("relative_position", 0.5)
             centre = extent[0] + position * (extent[1] - extent[0])
             reach = settings.search_fraction * (extent[1] - extent[0] + 1)
-            candidates = [k for k in indices if abs(k - centre) <= reach] or indices
+            stride = max(1, int(round(settings.search_step_mm / geometry.spacing_mm)))
+            candidates = [k for k in indices if abs(k - centre) <= reach and (k - indices[0]) % stride == 0] or indices
             candidates.sort(key=lambda k: abs(k - centre))  # the likeliest first: progress means something
             progress.begin(len(indices) + len(candidates), "locating the structure, then segmenting")
-            seed = locate(models, candidates, models.slice_box(models.template_boxes[ranked[0]]), on_slice=visit)
+            seed = locate(models, candidates, models.slice_box(models.template_boxes[ranked[0]]), centre, reach,
+                          settings, on_slice=visit)
+        primary = templates[ranked[0]] if own is None else templates[own]
+        anchor_box = models.slice_box(models.template_boxes[templates.index(primary)])
         masks, stopped = {}, {}
         if seed is not None:
             masks[seed["index"]] = seed["mask"]
             for direction in (1, -1):
                 steps = trace(models, seed["index"], seed["mask"], direction, image.spatial_shape[axis], geometry,
-                              settings, on_slice=visit, bounds=(lo, hi))
+                              settings, on_slice=visit, bounds=(lo, hi), anchor_box=anchor_box)
                 stopped["after" if direction > 0 else "before"] = steps[-1].stop if steps else "the volume ends"
                 masks.update({s.index: s.mask for s in steps if not s.stop})
             masks = largest_run(masks, seed["index"])
@@ -617,6 +626,10 @@ class TemplateSliceModels:
 
     def sam(self, index: int, box_rc: tuple) -> tuple[np.ndarray, float] | None:
         return self.task.sam_on_slice(self.context, self.axis, index, box_rc)
+
+    def intensity(self, index: int) -> np.ndarray:
+        image = self.context["image"]
+        return image.normalised_slice(self.axis, index, self.context["intensity"])[0].numpy()
 
     def similarity(self, index: int, mask: np.ndarray) -> float:
         features = self.features(index)

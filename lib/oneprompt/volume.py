@@ -14,10 +14,13 @@ One-Prompt's pieces as the locator and the check:
    the candidate whose mask looks most like the template's (prototype cosine, `prototype`).
 2. Propagation, both ways from the seed: the next slice is SAM-segmented from the box of the previous mask; only
    components touching the previous mask (dilated by what the structure may move over one slice spacing) are kept.
-3. Stop where the structure ends, by rules in physical units and on the prototype, chosen on TRAINING structures
-   (README, One-Prompt: whole volumes): the mask is smaller than `min_area_mm2`; its prototype cosine to the
-   template's falls below `min_similarity`; or it grows by more than `max_growth` per mm of slice spacing (a leak
-   into a neighbour).
+   Each slice also tries the template's own box at its place (`anchor`), and the more template-like of the two
+   masks is kept: where a structure barely moves, that box does not drift onto a neighbour.
+3. Stop where the structure ends, by rules in physical units, on the prototype and on intensity, their thresholds
+   chosen on TRAINING structures (README, One-Prompt: whole volumes): the mask is smaller than `min_area_mm2`; its
+   prototype cosine to the template's falls more than `max_similarity_drop` below the seed's; its mean intensity
+   moves more than `max_intensity_shift` standard deviations from the seed's (SAM^Med's propagation criterion);
+   or it grows by more than `max_growth` per mm of slice spacing (a leak into a neighbour).
 
 Everything here is in slice pixels (rows, cols of the slice; the physical units come from the voxel spacing). SAM
 is the served LiteMedSAM box path (lib/core/predictor.py: a small structure's box is zoomed into, as for a user's
@@ -39,10 +42,18 @@ from scipy import ndimage
 
 @dataclass(frozen=True)
 class VolumeSettings:
-    min_area_mm2: float = 4.0
-    min_similarity: float = 0.55
+    # The stop rules' thresholds, chosen on 8 TRAINING AAL structures (README, One-Prompt: whole volumes).
+    min_area_mm2: float = 10.0
+    max_similarity_drop: float = 0.25  # below the seed's own prototype cosine
     max_growth: float = 1.0  # relative area growth per mm of slice spacing; 1.0 = doubling over 1 mm
-    search_fraction: float = 0.2  # another study: slices within +-this fraction of the body extent are searched
+    max_intensity_shift: float = 1.25  # in standard deviations of the seed's intensities (SAM^Med's lambda)
+    anchor: bool = True  # each slice also tries the template's box at its place; the more template-like mask wins
+    search_fraction: float = 0.2  # another study: slices within +-this fraction of the body extent are searched,
+    search_step_mm: float = 2.0  # every this many mm (the structures we serve span 10 mm or more)
+    locate_distance_weight: float = 0.2  # `locate`'s score; both weights chosen on 8 training structures
+    locate_place_weight: float = 0.1
+    box_margin_mm: float = 0.0  # the previous mask's box grown by this on every side before SAM reads it
+    fuse_oneprompt: bool = False  # the box also covers One-Prompt's prediction near the previous mask
     move_mm: float = 3.0  # how far a structure's outline may move between slices 1 mm apart (dilation of the previous mask)
 
 
@@ -56,6 +67,9 @@ class SliceModels(Protocol):
 
     def similarity(self, index: int, mask: np.ndarray) -> float:
         """Prototype cosine of the slice's features under `mask` (H, W) to the template's."""
+
+    def intensity(self, index: int) -> np.ndarray:
+        """(H, W) intensities of the slice, normalised per volume (comparable between its slices)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,13 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     """(row0, col0, row1, col1), inclusive, of a non-empty (H, W) mask."""
     rows, cols = np.nonzero(mask)
     return float(rows.min()), float(cols.min()), float(rows.max()), float(cols.max())
+
+
+def grown_box(box: tuple, margin_mm: float, geometry: Geometry, shape) -> tuple:
+    """A (row0, col0, row1, col1) box grown by margin_mm on every side, inside the slice."""
+    dr, dc = margin_mm / geometry.pixel_mm[0], margin_mm / geometry.pixel_mm[1]
+    r0, c0, r1, c1 = box
+    return (max(0.0, r0 - dr), max(0.0, c0 - dc), min(shape[0] - 1.0, r1 + dr), min(shape[1] - 1.0, c1 + dc))
 
 
 def dilate_mm(mask: np.ndarray, radius_mm: float, geometry: Geometry) -> np.ndarray:
@@ -102,22 +123,27 @@ class Step:
     similarity: float
     predicted_iou: float
     growth: float  # relative area change from the previous slice per mm of spacing
+    intensity_shift: float = 0.0  # |mean intensity under the mask - the seed's| in standard deviations of the seed's
+    similarity_drop: float = 0.0  # the seed's prototype cosine minus this slice's
     stop: str | None = None  # why propagation stopped here (this slice is then not kept)
 
 
 def stop_reason(step: Step, settings: VolumeSettings) -> str | None:
     if step.area_mm2 < settings.min_area_mm2:
         return "ended (area)"
-    if step.similarity < settings.min_similarity:
+    if step.similarity_drop > settings.max_similarity_drop:
         return "ended (not the template's structure)"
     if step.growth > settings.max_growth:
         return "leaked (grew too fast)"
+    if step.intensity_shift > settings.max_intensity_shift:
+        return "ended (other tissue)"
     return None
 
 
 def trace(models: SliceModels, seed_index: int, seed_mask: np.ndarray, direction: int, num_slices: int,
           geometry: Geometry, settings: VolumeSettings, stop: Callable[[Step], str | None] | None = None,
-          on_slice: Callable[[int], None] | None = None, bounds: tuple[int, int] | None = None) -> list[Step]:
+          on_slice: Callable[[int], None] | None = None, bounds: tuple[int, int] | None = None,
+          anchor_box: tuple | None = None) -> list[Step]:
     """The slices after the seed in `direction` (+1 or -1) until the stop rule fires (that step is included, with
     its reason) or the volume (or `bounds`, [start, stop)) ends. `stop` replaces the settings' rule (the benchmark
     records whole runs with a rule that never fires, then replays rules on them); on_slice(k) before each slice."""
@@ -127,20 +153,36 @@ def trace(models: SliceModels, seed_index: int, seed_mask: np.ndarray, direction
     previous = np.asarray(seed_mask, bool)
     index = seed_index + direction
     reach = settings.move_mm * max(1.0, geometry.spacing_mm)
+    inside = models.intensity(seed_index)[previous] if previous.any() else np.zeros(1)
+    reference = float(inside.mean()), max(float(inside.std()), 1e-3)
+    seed_similarity = models.similarity(seed_index, previous) if previous.any() else 1.0
     while lo <= index < hi:
         if on_slice:
             on_slice(index)
-        answer = models.sam(index, mask_box(previous))
+        box_mask = previous
+        if settings.fuse_oneprompt:
+            probabilities = models.oneprompt(index)
+            if probabilities is not None:
+                box_mask = previous | ((probabilities > 0.5) & dilate_mm(previous, reach, geometry))
+        answer = models.sam(index, grown_box(mask_box(box_mask), settings.box_margin_mm, geometry, previous.shape))
         if answer is None:
-            steps.append(Step(index, np.zeros_like(previous), 0.0, -1.0, 0.0, 0.0, "uniform slice"))
+            steps.append(Step(index, np.zeros_like(previous), 0.0, -1.0, 0.0, 0.0, stop="uniform slice"))
             break
-        mask = touching(answer[0], dilate_mm(previous, reach, geometry))
+        near = dilate_mm(previous, reach, geometry)
+        mask = touching(answer[0], near)
         iou = answer[1]
+        similarity = models.similarity(index, mask) if mask.any() else -1.0
+        if anchor_box is not None and settings.anchor:  # the template's box at its place: no drift, where the structure barely moves
+            anchored, anchored_iou = models.sam(index, anchor_box)
+            anchored = touching(anchored, near)
+            anchored_similarity = models.similarity(index, anchored) if anchored.any() else -1.0
+            if anchored_similarity > similarity:
+                mask, iou, similarity = anchored, anchored_iou, anchored_similarity
         area = float(mask.sum()) * geometry.pixel_area_mm2
         previous_area = float(previous.sum()) * geometry.pixel_area_mm2
         growth = (area / max(previous_area, 1e-6) - 1.0) / max(geometry.spacing_mm, 1e-6)
-        similarity = models.similarity(index, mask) if mask.any() else -1.0
-        step = Step(index, mask, area, similarity, float(iou), growth)
+        shift = abs(float(models.intensity(index)[mask].mean()) - reference[0]) / reference[1] if mask.any() else 0.0
+        step = Step(index, mask, area, similarity, float(iou), growth, shift, seed_similarity - similarity)
         step.stop = stop(step)
         steps.append(step)
         if step.stop:
@@ -180,11 +222,22 @@ def relative_position(index: int, extent: tuple[int, int]) -> float:
     return (index - first) / max(1, last - first)
 
 
-def locate(models: SliceModels, candidates: list[int], copied_box: tuple | None,
-           on_slice: Callable[[int], None] | None = None) -> dict | None:
+def box_iou(a: tuple, b: tuple) -> float:
+    """IoU of two (row0, col0, row1, col1) inclusive boxes."""
+    rows = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    cols = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    area = lambda box: (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+    return rows * cols / max(1e-6, area(a) + area(b) - rows * cols)
+
+
+def locate(models: SliceModels, candidates: list[int], copied_box: tuple, centre: float, reach: float,
+           settings: VolumeSettings, on_slice: Callable[[int], None] | None = None) -> dict | None:
     """The seed on another study: of the candidate slices, the SAM mask (from the box of One-Prompt's prediction,
-    or the copied template box, slice pixels) most like the template's. {index, mask, similarity, source, scores}
-    or None."""
+    or the copied template box, slice pixels) that scores best: its prototype cosine to the template's, less
+    `locate_distance_weight` times its squared distance from the expected slice (`centre`, in units of `reach`),
+    plus `locate_place_weight` times its box's IoU with the copied box (the same relative place). The prototype
+    alone picked a wrong slice for 3 of 8 training structures on the second study (README). {index, mask,
+    similarity, score, source, scores} or None."""
     best, scores = None, {}
     for index in candidates:
         if on_slice:
@@ -192,19 +245,19 @@ def locate(models: SliceModels, candidates: list[int], copied_box: tuple | None,
         probabilities = models.oneprompt(index)
         if probabilities is None:
             continue
-        boxes = {}
+        boxes = {"copied box": tuple(copied_box)}
         if (probabilities > 0.5).any():
             boxes["oneprompt"] = mask_box(probabilities > 0.5)
-        if copied_box is not None:
-            boxes["copied box"] = tuple(copied_box)
         for source, box in boxes.items():
             mask, _ = models.sam(index, box)
             if not mask.any():
                 continue
             similarity = models.similarity(index, mask)
-            scores[index] = max(scores.get(index, -1.0), similarity)
-            if best is None or similarity > best["similarity"]:
-                best = {"index": index, "mask": mask, "similarity": similarity, "source": source}
+            score = (similarity - settings.locate_distance_weight * ((index - centre) / max(reach, 1e-6)) ** 2
+                     + settings.locate_place_weight * box_iou(mask_box(mask), tuple(copied_box)))
+            scores[index] = max(scores.get(index, -np.inf), score)
+            if best is None or score > best["score"]:
+                best = {"index": index, "mask": mask, "similarity": similarity, "score": score, "source": source}
     if best is not None:
         best["scores"] = scores
     return best
