@@ -11,7 +11,8 @@ One-Prompt's pieces as the locator and the check:
    within `search_fraction` of the body's extent: on each, SAM from two candidate boxes (the box of One-Prompt's
    prediction there, and the template's box copied into the same place of the slice's body box: One-Prompt's frame
    is the body box stretched to 256 x 256, so the same model pixels are the same relative place), and the seed is
-   the candidate whose mask looks most like the template's (prototype cosine, `prototype`).
+   the candidate that scores best in `locate`: looks most like the template's (prototype cosine), near the
+   expected slice and at the template box's place.
 2. Propagation, both ways from the seed: the next slice is SAM-segmented from the box of the previous mask; only
    components touching the previous mask (dilated by what the structure may move over one slice spacing) are kept.
    Each slice also tries the template's own box at its place (`anchor`), and the more template-like of the two
@@ -24,8 +25,8 @@ One-Prompt's pieces as the locator and the check:
 
 Everything here is in slice pixels (rows, cols of the slice; the physical units come from the voxel spacing). SAM
 is the served LiteMedSAM box path (lib/core/predictor.py: a small structure's box is zoomed into, as for a user's
-box; measured on 24 training-structure slices with their true boxes: Dice 0.767 zoomed, 0.699 on One-Prompt's
-whole-slice features). Independent of MONAI Label: the caller passes `SliceModels`.
+box, which segments better than SAM's decoder on One-Prompt's whole-slice features: README). Independent of MONAI
+Label: the caller passes `SliceModels`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 from scipy import ndimage
-
-
 
 
 @dataclass(frozen=True)
