@@ -37,8 +37,9 @@ def click(server, image="head_ct", point=(128, 90, 30), **extra):
 
 
 def start_whole_volume_job(server) -> str:
+    """A job that visits every slice of Colin27 (`volume: gate`; the default propagates over ~35 slices only)."""
     r = requests.post(f"{server.url}/jobs/infer/oneprompt", params={"image": "colin27_t1"},
-                      data={"params": json.dumps({"template": "Putamen_L"})}, timeout=60)
+                      data={"params": json.dumps({"template": "Putamen_L", "volume": "gate"})}, timeout=60)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -104,7 +105,7 @@ def test_a_client_that_hangs_up_frees_its_worker(server):
     before = requests.get(f"{server.url}/jobs/", timeout=60).json()["total_cancelled"]
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(f"{server.url}/infer/oneprompt", params={"image": "colin27_t1", "output": "json"},
-                      data={"params": json.dumps({"template": "Putamen_L"})}, timeout=(10, 6))
+                      data={"params": json.dumps({"template": "Putamen_L", "volume": "gate"})}, timeout=(10, 6))
     wait_until(lambda: requests.get(f"{server.url}/jobs/", timeout=60).json()["total_cancelled"] > before, 120)
     assert click(server, point=(126, 92, 29)).status_code == 200
 

@@ -311,6 +311,7 @@ class OnePromptInfer(InferTask):
         templates = [self.store.load(i) for i in self.store.resolve(names)]
         image = context["image"]
         axis = self.axis_for(req, image, default=templates[0].meta.get("axis"))
+        number(req, "gate_margin", low=0.0)  # checked whichever way the volume goes: a bad value is a 400 always
         method = str(req.get("volume") or "auto").strip().lower()
         if method not in VOLUME_METHODS:
             raise bad_request(f"'volume' must be one of {', '.join(VOLUME_METHODS)}, got {req.get('volume')!r}")
