@@ -72,7 +72,8 @@ from lib.core.predictor import PredictorSettings, PromptPredictor
 from lib.core.prompts import SlicePrompt
 from lib.core.transforms.geometry import in_plane_axes
 from lib.oneprompt.preprocessing import SIZE
-from lib.oneprompt.volume import Geometry, VolumeSettings, body_extent, largest_run, locate, relative_position, trace
+from lib.oneprompt.volume import (Geometry, VolumeSettings, body_extent, largest_run, locate, mask_box,
+                                  relative_position, trace)
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class OnePromptInfer(InferTask):
         if axis is None:
             axis = default
         if axis is None:
-            spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+            spacing = voxel_spacing(image)
             if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
                 raise bad_request("the volume has no usable voxel spacing to choose a slicing axis: give 'axis'")
             axis = slicing_axes(spacing)[0]
@@ -407,9 +408,8 @@ class OnePromptInfer(InferTask):
             seed = {"index": k0, "mask": mask, "source": f"the template slice ({templates[own].id})",
                     "similarity": 1.0}
         else:
-            primary = templates[ranked[0]]
             extent = body_extent(image, axis)
-            position = primary.meta.get("relative_position", 0.5)
+            position = templates[ranked[0]].meta.get("relative_position", 0.5)
             centre = extent[0] + position * (extent[1] - extent[0])
             reach = settings.search_fraction * (extent[1] - extent[0] + 1)
             stride = max(1, int(round(settings.search_step_mm / geometry.spacing_mm)))
@@ -418,8 +418,7 @@ class OnePromptInfer(InferTask):
             progress.begin(len(indices) + len(candidates), "locating the structure, then segmenting")
             seed = locate(models, candidates, models.slice_box(models.template_boxes[ranked[0]]), centre, reach,
                           settings, on_slice=visit)
-        primary = templates[ranked[0]] if own is None else templates[own]
-        anchor_box = models.slice_box(models.template_boxes[templates.index(primary)])
+        anchor_box = models.slice_box(models.template_boxes[ranked[0] if own is None else own])
         masks, stopped = {}, {}
         if seed is not None:
             masks[seed["index"]] = seed["mask"]
@@ -461,12 +460,12 @@ class OnePromptInfer(InferTask):
             self._box_predictor = self.backbone.predictor(PredictorSettings())
         return self._box_predictor
 
-    def sam_on_slice(self, context: dict, axis: int, index: int, box_rc: tuple) -> tuple[np.ndarray, float] | None:
-        """LiteMedSAM's (H, W) mask from a slice box, as the `litemedsam` model answers a user's box (zoomed into a
-        small structure; the embedding cached on the shared backbone), and its predicted IoU; None for a uniform
-        slice."""
+    def sam_on_slice(self, context: dict, axis: int, index: int, slice_image: torch.Tensor,
+                     box_rc: tuple) -> tuple[np.ndarray, float] | None:
+        """LiteMedSAM's (H, W) mask from a box on slice `index` ((C, H, W) in [0, 1]), as the `litemedsam` model
+        answers a user's box (zoomed into a small structure; the embedding cached on the shared backbone), and its
+        predicted IoU; None for a uniform slice."""
         image = context["image"]
-        slice_image = image.normalised_slice(axis, index, context["intensity"])
         if float(slice_image.max()) == float(slice_image.min()):
             return None
         prompt = SlicePrompt(axis, index, np.zeros((0, 2)), np.zeros((0, 2)), tuple(float(v) for v in box_rc))
@@ -575,6 +574,7 @@ class TemplateSliceModels:
 
     def __init__(self, task: OnePromptInfer, context: dict, axis: int, frame: SliceFrame, templates: list):
         self.task, self.context, self.axis, self.frame, self.templates = task, context, axis, frame, templates
+        self._slices: dict[int, torch.Tensor] = {}
         self.prompts = [task.model_prompt(t.prompt, t.image) for t in templates]
         seeds = [self.template_seed(t, p) for t, p in zip(templates, self.prompts)]
         self.template_boxes = [box for box, _ in seeds]  # model frame (x0, y0, x1, y1)
@@ -625,12 +625,20 @@ class TemplateSliceModels:
                              for t, p in zip(self.templates, self.prompts)]).mean(0)
         return self.frame.to_slice(probs).numpy()
 
+    def slice_image(self, index: int) -> torch.Tensor:
+        """(C, H, W) slice in [0, 1]; the last few kept: each step reads its slice for SAM and for the intensity."""
+        if index not in self._slices:
+            if len(self._slices) >= 4:
+                self._slices.pop(next(iter(self._slices)))
+            image = self.context["image"]
+            self._slices[index] = image.normalised_slice(self.axis, index, self.context["intensity"])
+        return self._slices[index]
+
     def sam(self, index: int, box_rc: tuple) -> tuple[np.ndarray, float] | None:
-        return self.task.sam_on_slice(self.context, self.axis, index, box_rc)
+        return self.task.sam_on_slice(self.context, self.axis, index, self.slice_image(index), box_rc)
 
     def intensity(self, index: int) -> np.ndarray:
-        image = self.context["image"]
-        return image.normalised_slice(self.axis, index, self.context["intensity"])[0].numpy()
+        return self.slice_image(index)[0].numpy()
 
     def similarity(self, index: int, mask: np.ndarray) -> float:
         features = self.features(index)
@@ -643,13 +651,19 @@ class TemplateSliceModels:
 
 
 def _model_box(mask: np.ndarray) -> np.ndarray:
-    rows, cols = np.nonzero(mask)
-    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], np.float32)
+    """(x0, y0, x1, y1) of a non-empty model-frame mask (mask_box's corners, in the model's x, y order)."""
+    r0, c0, r1, c1 = mask_box(mask)
+    return np.array([c0, r0, c1, r1], np.float32)
+
+
+def voxel_spacing(image: LoadedImage) -> np.ndarray:
+    """(3,) mm per voxel along each axis, from the affine's columns."""
+    return np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
 
 
 def slice_geometry(image: LoadedImage, axis: int) -> Geometry:
     """The physical size of a slice pixel (rows, cols) and the slice spacing (mm; 1 where the affine has none)."""
-    spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+    spacing = voxel_spacing(image)
     spacing = np.where(np.isfinite(spacing) & (spacing > 0), spacing, 1.0)
     col_axis, row_axis = in_plane_axes(axis)
     return Geometry((float(spacing[row_axis]), float(spacing[col_axis])), float(spacing[axis]))

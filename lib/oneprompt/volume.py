@@ -51,8 +51,6 @@ class VolumeSettings:
     search_step_mm: float = 2.0  # every this many mm (the structures we serve span 10 mm or more)
     locate_distance_weight: float = 0.2  # `locate`'s score; both weights chosen on 8 training structures
     locate_place_weight: float = 0.1
-    box_margin_mm: float = 0.0  # the previous mask's box grown by this on every side before SAM reads it
-    fuse_oneprompt: bool = False  # the box also covers One-Prompt's prediction near the previous mask
     move_mm: float = 3.0  # how far a structure's outline may move between slices 1 mm apart (dilation of the previous mask)
 
 
@@ -89,13 +87,6 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(rows.min()), float(cols.min()), float(rows.max()), float(cols.max())
 
 
-def grown_box(box: tuple, margin_mm: float, geometry: Geometry, shape) -> tuple:
-    """A (row0, col0, row1, col1) box grown by margin_mm on every side, inside the slice."""
-    dr, dc = margin_mm / geometry.pixel_mm[0], margin_mm / geometry.pixel_mm[1]
-    r0, c0, r1, c1 = box
-    return (max(0.0, r0 - dr), max(0.0, c0 - dc), min(shape[0] - 1.0, r1 + dr), min(shape[1] - 1.0, c1 + dc))
-
-
 def dilate_mm(mask: np.ndarray, radius_mm: float, geometry: Geometry) -> np.ndarray:
     """`mask` dilated by an ellipse of radius_mm in physical units (pixels need not be square)."""
     ry = max(1, int(round(radius_mm / geometry.pixel_mm[0])))
@@ -117,7 +108,7 @@ def touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
 @dataclass
 class Step:
     index: int
-    mask: np.ndarray  # (S, S) bool, model frame
+    mask: np.ndarray  # (H, W) bool, slice pixels
     area_mm2: float
     similarity: float
     predicted_iou: float
@@ -158,12 +149,7 @@ def trace(models: SliceModels, seed_index: int, seed_mask: np.ndarray, direction
     while lo <= index < hi:
         if on_slice:
             on_slice(index)
-        box_mask = previous
-        if settings.fuse_oneprompt:
-            probabilities = models.oneprompt(index)
-            if probabilities is not None:
-                box_mask = previous | ((probabilities > 0.5) & dilate_mm(previous, reach, geometry))
-        answer = models.sam(index, grown_box(mask_box(box_mask), settings.box_margin_mm, geometry, previous.shape))
+        answer = models.sam(index, mask_box(previous))
         if answer is None:
             steps.append(Step(index, np.zeros_like(previous), 0.0, -1.0, 0.0, 0.0, stop="uniform slice"))
             break
