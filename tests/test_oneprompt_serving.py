@@ -33,19 +33,17 @@ PUTAMEN_L = AAL["Putamen_L"]
 #   for thread-count float differences; LiteMedSAM given the box copied onto the query does better on this one
 #   well-aligned structure (0.68), not on the held-out tasks as a whole (README);
 # - the whole 13-slice slab of Colin27 (batch inference): 0.470 -> 0.40;
-# - the whole second brain, MNI152 (batch inference, all 189 axial slices; truth = AAL carried through the affines,
-#   APPROXIMATE): not measured yet;
 # - segment everything on the template slice: 40 masks from 49 clicks (the paper: about 50) -> at least 20.
 MIN_DICE_SLICE = 0.45
 MIN_DICE_VOLUME = 0.40
 # - whole volumes, with the volume gate (lib.oneprompt.infer.consistent_run; margin 0.1, chosen on 12 TRAINING AAL
-#   structures): Colin27 itself, all 181 axial slices: 0.325, 14 slices labelled where 27 hold the putamen (3 of
-#   them without it) -> 0.27; the second study (MNI152, 189 slices, batch inference; truth AAL carried through the
-#   affines, approximate): 0.309, 33 slices labelled -> 0.25. Without the gate: 173 and 142 slices labelled, Dice
-#   0.10 and 0.135. At most 1.5 labelled slices per slice that holds the structure (measured 0.52 and 1.22).
-MIN_DICE_WHOLE_VOLUME = 0.27
+#   structures; the default on another study): the second study (MNI152, 189 slices, batch inference; truth AAL
+#   carried through the affines, approximate): 0.309, 33 slices labelled -> 0.25. Without the gate 142 slices
+#   labelled, Dice 0.135. At most 1.5 labelled slices per slice that holds the structure (measured 1.22); the
+#   labelled slices' IoU with the true extent 0.82 (33 labelled, 27 hold it) -> 0.5 (issue 17).
 MIN_DICE_SECOND_STUDY = 0.25
 MAX_LABELLED_SLICES_PER_HELD = 1.5
+MIN_SLICE_OVERLAP_SECOND_STUDY = 0.5
 MIN_EVERYTHING_MASKS = 20
 # - `volume: propagate` (lib/oneprompt/volume.py; the default on the template's own volume; click + box templates,
 #   seeded from the box): Colin27 whole 0.437 (34 slices visited, 32 labelled where 27 hold the putamen; the
@@ -189,27 +187,13 @@ def test_batch_inference_segments_the_unlabelled_images_whole(server):
           f"{int(truth.any((0, 1)).sum())} hold the structure")
     assert score >= MIN_DICE_VOLUME
     assert second_score >= MIN_DICE_SECOND_STUDY
-    labelled = (np.asarray(label.dataobj) > 0).any((0, 1)).sum()
-    assert labelled <= MAX_LABELLED_SLICES_PER_HELD * truth.any((0, 1)).sum()
-
-
-def test_the_whole_template_volume_is_segmented_and_absent_slices_stay_empty(server):
-    """The issue's "done when": prompt one slice once, get the whole volume. Every one of Colin27's 181 axial slices
-    goes through the model (~1 s each on one CPU thread); the volume gate keeps the run of template-like slices."""
-    truth = aal()[0] == PUTAMEN_L
-    result, label, _ = infer(server, {"template": "Putamen_L", "volume": "gate"})
-    assert result["slices"] == [0, truth.shape[2]] and label.shape == truth.shape
-    score = dice(label > 0, truth)
-    held, labelled = truth.any((0, 1)), (label > 0).any((0, 1))
-    gate = result["volume"]
-    assert gate["method"] == "gate"
-    print(f"Putamen_L on the whole template volume ({truth.shape[2]} axial slices): Dice {score:.3f}; "
-          f"{int(labelled.sum())} slices labelled ({gate['removed_slices']} of {gate['predicted_slices']} with a "
-          f"prediction removed by the gate), {int(held.sum())} hold the structure, "
-          f"{int((labelled & ~held).sum())} labelled without it")
-    assert gate["removed_slices"] > 0 and result["labelled_slices"] == int(labelled.sum())
+    held, labelled = truth.any((0, 1)), (np.asarray(label.dataobj) > 0).any((0, 1))
     assert labelled.sum() <= MAX_LABELLED_SLICES_PER_HELD * held.sum()
-    assert score >= MIN_DICE_WHOLE_VOLUME
+    # Issue 17: another study's answer lands on the right slices (labelled slices against the true extent)
+    slice_overlap = (labelled & held).sum() / (labelled | held).sum()
+    print(f"second study: labelled slices {int(labelled.sum())}, true extent {int(held.sum())}, "
+          f"slice IoU {slice_overlap:.2f}")
+    assert slice_overlap >= MIN_SLICE_OVERLAP_SECOND_STUDY
 
 
 def test_propagation_from_the_template_slice_and_from_a_located_seed(server):
