@@ -57,7 +57,7 @@ from lib.core.errors import RequestError, bad_request, not_found
 from lib.oneprompt.model import masked_prototype
 from lib.core.images import ImageCache, LoadedImage, write_label
 from lib.core.transforms.geometry import paste_slice
-from lib.core.cache import LazyModel, LRUCache
+from lib.core.cache import EmbeddingKey, LazyModel, LRUCache
 from lib.core.requests import as_list, integer, label_value, number, optional_index
 from lib.oneprompt.frame import SliceFrame, slice_shape, slice_window
 from lib.oneprompt.preprocessing import model_input, nonzero_box, slicing_axes
@@ -67,7 +67,6 @@ from lib.oneprompt.templates import TemplateStore
 from lib.core.device import pick_device
 from lib.core.runtime import FrozenForward, resolve_runtime
 from lib.core.backbone import Backbone
-from lib.core.cache import EmbeddingKey
 from lib.core.predictor import PredictorSettings, PromptPredictor
 from lib.core.prompts import SlicePrompt
 from lib.core.transforms.geometry import in_plane_axes
@@ -574,7 +573,7 @@ class TemplateSliceModels:
 
     def __init__(self, task: OnePromptInfer, context: dict, axis: int, frame: SliceFrame, templates: list):
         self.task, self.context, self.axis, self.frame, self.templates = task, context, axis, frame, templates
-        self._slices: dict[int, torch.Tensor] = {}
+        self._slices = LRUCache(4)  # each propagation step reads its slice for SAM and for the intensity
         self.prompts = [task.model_prompt(t.prompt, t.image) for t in templates]
         seeds = [self.template_seed(t, p) for t, p in zip(templates, self.prompts)]
         self.template_boxes = [box for box, _ in seeds]  # model frame (x0, y0, x1, y1)
@@ -626,13 +625,10 @@ class TemplateSliceModels:
         return self.frame.to_slice(probs).numpy()
 
     def slice_image(self, index: int) -> torch.Tensor:
-        """(C, H, W) slice in [0, 1]; the last few kept: each step reads its slice for SAM and for the intensity."""
-        if index not in self._slices:
-            if len(self._slices) >= 4:
-                self._slices.pop(next(iter(self._slices)))
-            image = self.context["image"]
-            self._slices[index] = image.normalised_slice(self.axis, index, self.context["intensity"])
-        return self._slices[index]
+        """(C, H, W) slice in [0, 1]."""
+        image = self.context["image"]
+        return self._slices.get_or_compute(
+            index, lambda: image.normalised_slice(self.axis, index, self.context["intensity"]))[0]
 
     def sam(self, index: int, box_rc: tuple) -> tuple[np.ndarray, float] | None:
         return self.task.sam_on_slice(self.context, self.axis, index, self.slice_image(index), box_rc)
