@@ -131,18 +131,17 @@ def corrective_click(mask: np.ndarray, predicted: np.ndarray):
     return None if best is None else (best[1], best[2])
 
 
-def active_validation(predict, target: Target, axis, index, rng: np.random.Generator, max_clicks: int = 5,
-                      box_jitter: tuple[float, float] = (5.0, 10.0)) -> list[float]:
-    """SAM^Med's active validation: a (jittered) box first, then up to `max_clicks` corrective clicks, each put
-    in the largest FN or FP region of the current mask. `predict(SlicePrompt) -> mask`. Returns the Dice after
-    the box and after each click."""
-
-    box = jitter_box(target.mask, *box_jitter, rng)
-    fg, bg = [], []
+def corrective_session(predict, target: Target, first: SlicePrompt, max_clicks: int = 5) -> list[float]:
+    """An annotator's session on one target: the first prompt (a click or a box), then up to `max_clicks`
+    corrective clicks, each at the most interior pixel of the largest error region (foreground for missed tissue,
+    background for extra), every click kept with the ones before it, as the CVPR 2025 interactive challenge
+    simulates its users. `predict(SlicePrompt) -> mask`. Returns the Dice after the first prompt and after each
+    click (a perfect mask is kept for the remaining steps)."""
+    fg, bg = [tuple(p) for p in first.foreground], [tuple(p) for p in first.background]
     scores = []
     for _ in range(max_clicks + 1):
-        prompt = SlicePrompt(axis=axis, index=index, foreground=np.asarray(fg, np.float32).reshape(-1, 2),
-                             background=np.asarray(bg, np.float32).reshape(-1, 2), box=box)
+        prompt = SlicePrompt(axis=first.axis, index=first.index, foreground=np.asarray(fg, np.float32).reshape(-1, 2),
+                             background=np.asarray(bg, np.float32).reshape(-1, 2), box=first.box)
         predicted = predict(prompt)
         scores.append(dice(predicted, target.mask))
         click = corrective_click(target.mask, predicted)
@@ -151,6 +150,26 @@ def active_validation(predict, target: Target, axis, index, rng: np.random.Gener
             break
         (fg if click[1] == 1 else bg).append(click[0])
     return scores
+
+
+def dsc_auc(scores) -> float:
+    """The area under Dice against interaction step (trapezoids, one unit per step), divided by the number of
+    steps after the first so that it lies in [0, 1]: the challenge's DSC AUC, normalised."""
+    scores = np.asarray(scores, dtype=float)
+    if len(scores) < 2:
+        return float(scores[0]) if len(scores) else 0.0
+    return float(((scores[1:] + scores[:-1]) / 2).sum() / (len(scores) - 1))
+
+
+def active_validation(predict, target: Target, axis, index, rng: np.random.Generator, max_clicks: int = 5,
+                      box_jitter: tuple[float, float] = (5.0, 10.0)) -> list[float]:
+    """SAM^Med's active validation: a (jittered) box first, then up to `max_clicks` corrective clicks, each put
+    in the largest FN or FP region of the current mask. `predict(SlicePrompt) -> mask`. Returns the Dice after
+    the box and after each click."""
+    empty = np.zeros((0, 2), np.float32)
+    box = jitter_box(target.mask, *box_jitter, rng)
+    first = SlicePrompt(axis=axis, index=index, foreground=empty, background=empty, box=box)
+    return corrective_session(predict, target, first, max_clicks)
 
 
 def validate_prompts(predict, slices, rng: np.random.Generator, max_clicks: int = 5) -> dict:
