@@ -9,11 +9,12 @@ the Dice after each step, the DSC AUC (normalised to [0, 1]), how often a step l
 oversized rate: first clicks whose mask exceeds 5x the target's area (an organ returned for a lesion).
 
 Methods (the served code paths, in process, on the same cached embeddings):
-- `box_search`: a click answered by the 5-box search, the candidate with the best predicted IoU (the first rule);
-- `box_search_sized`: the same search, the smallest candidate within `click_iou_margin` of the best (served);
-- `click_model`: the shipped click model (lib/sammed/weights/click_prompt_encoder.pt): clicks straight to the model;
-- `served`: what `litemedsam` answers for a label with nothing learned (today: click model for clicks, the box path
-  for boxes).
+- `box_search`: vanilla LiteMedSAM, a click answered by the 5-box search (the candidate with the best predicted
+  IoU), a box as it was trained on; corrective clicks applied to its mask (PromptPredictor._respect_clicks);
+- `click_model`: the shipped click model (lib/sammed/weights/click_prompt_encoder.pt) answers every session that
+  starts with a click, on every kind of image; a box and its corrections as `box_search`;
+- `served`: what `litemedsam` answers a label nobody has taught: the click model on the kinds of image it lists
+  (MR volumes), the box search elsewhere; a box and its corrections as `box_search`.
 
 Target sets (`--sets`; the click model never trained on a held-out one):
 - `colin27_heldout` (MR): AAL's held-out structures (putamen, hippocampus, insula, precuneus, cerebellum 6, vermis
@@ -21,7 +22,7 @@ Target sets (`--sets`; the click model never trained on a held-out one):
 - `head_ct_intracranial` (CT, held out): the intracranial region, derived by thresholds, 4 axial slices;
 - `nuclei` (fluorescence microscopy, held out): 16 real DSB nuclei spread over sizes;
 - `fundus_lesions_SYNTHETIC` (colour fundus, held out): painted haemorrhages and exudates on a real photograph;
-- `colin27_training` (MR): caudate, pallidum, thalamus, amygdala, on which the click rule's margin was chosen.
+- `colin27_training` (MR): caudate, pallidum, thalamus, amygdala (the click model trained on them: not held out).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor 
 from lib.core.runtime import RUNTIMES, FrozenForward  # noqa: E402
 from lib.core.transforms import extract_slice  # noqa: E402
 from lib.models.sam import build_litemedsam  # noqa: E402
-from lib.sammed.click_model import WEIGHTS, load_click_model  # noqa: E402
+from lib.sammed.click_model import WEIGHTS, load_click_model, served_image_kinds  # noqa: E402
 
 DATA = os.path.join(REPO, "sample-data")
 HELDOUT_AAL = ("Putamen", "Hippocampus", "Insula", "Precuneus", "Cerebelum_6", "Vermis_4_5")
@@ -130,34 +131,34 @@ def cases(sets):
 class Method:
     """A served path: `predict(case, prompt) -> mask`, with a fresh object memory per session."""
 
-    def __init__(self, name, model, encode, embeddings, settings, prompt_encoder=None, box_prompt_encoder=None):
+    def __init__(self, name, model, encode, embeddings, settings, prompt_encoder=None, click_image_kinds=None):
         self.name = name
+        self.click_image_kinds = click_image_kinds  # None: prompt_encoder answers every kind of image
         self.predictor = PromptPredictor(model, torch.device("cpu"), embeddings, ObjectMemory(), settings,
                                          encode=encode)
-        self.prompt_encoder = prompt_encoder  # answers clicks (with or without a box) when given
-        self.box_prompt_encoder = box_prompt_encoder  # answers a box alone when given
+        self.prompt_encoder = prompt_encoder  # answers clicks without a box, when given
 
     def new_session(self):
         self.predictor.objects = ObjectMemory()
 
     def predict(self, case, prompt):
-        clicks = len(prompt.foreground) + len(prompt.background) > 0
-        encoder = self.prompt_encoder if clicks else self.box_prompt_encoder
+        kind = f"{case.modality}/{'2D' if case.axis is None else '3D'}"  # lib.core.images.image_kind
+        answers = self.click_image_kinds is None or kind in self.click_image_kinds
+        encoder = self.prompt_encoder if prompt.box is None and answers else None
         return self.predictor.predict(case.slice_image, prompt, case.key, encoder)[0]
 
 
-def run(sets, methods, runtime="eager", margin=0.05, click_model_path=None):
+def run(sets, methods, runtime="eager", click_model_path=None):
     model = build_litemedsam().eval()
     encode = FrozenForward(SamEncoding(model), runtime, name=runtime)
     embeddings = LRUCache(512)
     click_model = load_click_model(model.prompt_encoder, click_model_path) if click_model_path else None
+    click_kinds = served_image_kinds(torch.load(click_model_path, weights_only=True)) if click_model else ()
     available = {
-        "box_search": lambda: Method("box_search", model, encode, embeddings, PredictorSettings(click_iou_margin=0.0)),
-        "box_search_sized": lambda: Method("box_search_sized", model, encode, embeddings,
-                                           PredictorSettings(click_iou_margin=margin)),
-        "box_grows": lambda: Method("box_grows", model, encode, embeddings,
-                                    PredictorSettings(click_iou_margin=margin, box_grows_to_clicks=True)),
+        "box_search": lambda: Method("box_search", model, encode, embeddings, PredictorSettings()),
         "click_model": lambda: Method("click_model", model, encode, embeddings, PredictorSettings(), click_model),
+        "served": lambda: Method("served", model, encode, embeddings, PredictorSettings(), click_model,
+                                 click_image_kinds=click_kinds),
     }
     chosen = [available[m]() for m in methods if m != "click_model" or click_model is not None]
     rows = []
@@ -244,9 +245,7 @@ def plot(summary_rows, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="heldout", help="heldout, training, all, or a comma list of set names")
-    parser.add_argument("--methods", default="box_search,box_search_sized,click_model")
-    parser.add_argument("--margin", type=float, default=PredictorSettings.click_iou_margin or 0.05,
-                        help="box_search_sized's click_iou_margin")
+    parser.add_argument("--methods", default="box_search,click_model,served")
     parser.add_argument("--click-model", default=WEIGHTS)
     parser.add_argument("--runtime", default="eager", choices=RUNTIMES)
     parser.add_argument("--json")
@@ -255,7 +254,7 @@ def main():
     sets = {"heldout": list(HELDOUT_SETS), "training": ["colin27_training"],
             "all": list(HELDOUT_SETS) + ["colin27_training"]}.get(args.sets, args.sets.split(","))
     start = time.perf_counter()
-    rows = run(sets, args.methods.split(","), args.runtime, args.margin, args.click_model)
+    rows = run(sets, args.methods.split(","), args.runtime, args.click_model)
     summary_rows = summary(rows)
     print_table(summary_rows)
     print(f"\n{len(rows)} target x method rows in {time.perf_counter() - start:.0f} s")
@@ -264,7 +263,7 @@ def main():
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"margin": args.margin, "sets": sets, "summary": summary_rows, "rows": rows}, f, indent=1)
+            json.dump({"sets": sets, "summary": summary_rows, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

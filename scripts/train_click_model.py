@@ -66,6 +66,9 @@ def main():
     parser.add_argument("--slices-per-step", type=int, default=ClickTrainingSettings.slices_per_step)
     parser.add_argument("--targets-per-slice", type=int, default=ClickTrainingSettings.targets_per_slice)
     parser.add_argument("--out", default=WEIGHTS)
+    parser.add_argument("--image-kinds", default="MR/3D",
+                        help="the kinds of image (modality/dimensions) whose clicks it answers: where "
+                             "benchmarks/bench_interactive.py measured it better than the box search (comma list)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model = build_litemedsam().eval()
@@ -87,7 +90,7 @@ def main():
             print(f"step {step}/{total} loss {loss:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     result = learner.train(progress)
-    result.update(encode_seconds=round(encode_s, 1), command="scripts/train_click_model.py " + " ".join(sys.argv[1:]),
+    result.update(image_kinds=[m for m in args.image_kinds.split(",") if m], encode_seconds=round(encode_s, 1), command="scripts/train_click_model.py " + " ".join(sys.argv[1:]),
                   trained_on=["colin27_t1 AAL outside the held-out families (axes 0, 1, 2)", "head_ct bone"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     result["losses"] = [round(v, 5) for v in result["losses"]]

@@ -109,11 +109,20 @@ def test_training_changes_only_the_adapter_and_the_file_restores_it(litemedsam, 
 def test_auto_serves_whichever_validated_better_for_the_prompt_kind():
     from lib.msa.infer import AdapterInfer
 
-    thalamus = {"validation": {"adapted": {"one_click_dice": 0.72, "box_dice": 0.85},
-                               "frozen": {"one_click_dice": 0.79, "box_dice": 0.56}}}
+    thalamus = {"validation": {"adapted": {"one_click_dice": 0.72, "box_dice": 0.85,
+                                           "box_then_clicks_dice": [0.85, 0.84, 0.847]},
+                               "frozen": {"one_click_dice": 0.79, "box_dice": 0.56,
+                                          "box_then_clicks_dice": [0.56, 0.62, 0.601]}}}
     assert not AdapterInfer.adapter_validated_better(thalamus, "click")
     assert AdapterInfer.adapter_validated_better(thalamus, "box")
+    assert AdapterInfer.adapter_validated_better(thalamus, "box_then_clicks")
     assert AdapterInfer.adapter_validated_better({"validation": {"held_out_slices": 0}}, "click")  # no evidence
+    # Leave-one-slice-out figures (too few slices to hold any out) count as well; the last corrective click decides.
+    folds = {"validation": {"method": "leave_one_slice_out", "held_out_slices": 0,
+                            "adapted": {"one_click_dice": 0.81, "box_dice": 0.83, "box_then_clicks_dice": [0.83, 0.70]},
+                            "frozen": {"one_click_dice": 0.52, "box_dice": 0.62, "box_then_clicks_dice": [0.62, 0.75]}}}
+    assert AdapterInfer.adapter_validated_better(folds, "click") and AdapterInfer.adapter_validated_better(folds, "box")
+    assert not AdapterInfer.adapter_validated_better(folds, "box_then_clicks")
 
 
 # -- through the server ---------------------------------------------------------------------------------------

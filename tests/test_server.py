@@ -111,7 +111,8 @@ def test_slicer_click_on_ct_returns_an_nrrd_volume(server, tmp_path):
 
 
 def test_second_click_on_a_slice_reuses_the_embedding(server, tmp_path):
-    params = {"foreground": [[90, 110, 70]], "background": [], "result_extension": ".nii.gz"}
+    # The box search's object memory (the vanilla path; the click model needs none).
+    params = {"foreground": [[90, 110, 70]], "background": [], "result_extension": ".nii.gz", "prompt_encoder": "vanilla"}
     post_infer(server, "colin27_t1", params)
     second = post_infer(server, "colin27_t1", {**params, "foreground": [[91, 111, 70]]})
     result, _ = decode_multipart(second, tmp_path)

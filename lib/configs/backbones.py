@@ -12,7 +12,7 @@ import os
 from lib.core.backbone import Backbone
 from lib.core.stores import LabelStore
 from lib.sam.interactive import SamInteractiveInfer
-from lib.sammed.learned_prompts import LearnedPromptEncoders
+from lib.sammed.learned_prompts import LearnedPromptEncoders, click_model_path_for
 
 LITEMEDSAM = "litemedsam"
 
@@ -84,6 +84,10 @@ class ServedModels:
             self._prompt_stores[name] = LabelStore(os.path.join(self.model_dir, "prompts", name))
         return self._prompt_stores[name]
 
+    def click_model_path(self, name: str) -> str | None:
+        """The click model's weights for a model (lib.sammed.learned_prompts.click_model_path_for)."""
+        return click_model_path_for(name, self.settings)
+
     def interactive(self, name: str) -> SamInteractiveInfer:
         """The model's click-and-box task, made once (its clicks use SAMassist's learned prompt encoders)."""
         if name not in self._interactive:
@@ -91,5 +95,5 @@ class ServedModels:
                            DESCRIPTIONS["sam"].format(variant=self.settings["sam_variant"].upper()))
             self._interactive[name] = SamInteractiveInfer.from_settings(
                 self.backbones[name], description, self.settings,
-                prompt_encoders=LearnedPromptEncoders(self.prompt_store(name)))
+                prompt_encoders=LearnedPromptEncoders(self.prompt_store(name), self.click_model_path(name)))
         return self._interactive[name]

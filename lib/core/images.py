@@ -80,6 +80,12 @@ class LoadedImage:
         return apply_intensity_range(extract_slice(channels, axis, index), intensity, "unit")
 
 
+def image_kind(modality: str, image: LoadedImage) -> str:
+    """What a model answering "this kind of image" needs to know: the modality and whether it is a volume
+    ("MR/3D"); a grey-level 2D image (a microscopy PNG) is normalised like MR but is not an MR scan."""
+    return f"{modality}/{'2D' if image.is_2d else '3D'}"
+
+
 def fingerprint(path: str) -> tuple:
     """What identifies the current content of an image file or DICOM directory: a change invalidates caches."""
     path = os.path.realpath(path)

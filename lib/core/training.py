@@ -1,6 +1,8 @@
 """What the per-label train tasks (SAMassist, MSA adapters) share: reading a training request (which label, its
 voxel value, from which images), the labelled slices, MONAI Label's BasicTrainTask hooks they both leave empty,
-and train_stats that say what a run is doing, that it failed and why, or that it was stopped."""
+train_stats that say what a run is doing, that it failed and why, or that it was stopped; and their validation
+records, from which each infer task's `auto` picks, per kind of prompt, the learned result or what answers without
+it."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.core import requests
 from lib.core.active_learning import slices_holding
-from lib.core.cache import LRUCache
+from lib.core.cache import EmbeddingKey, LRUCache
 from lib.core.errors import RequestError
 from lib.core.backbone import SamEncoding
 from lib.core.predictor import PredictorSettings
@@ -113,6 +115,73 @@ def evenly_spread(items: list, count: int) -> list:
     if len(items) <= count:
         return list(items)
     return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
+
+
+# How a result was validated (its record's "method"): on labelled slices it did not learn from; where too few were
+# labelled to hold any out, by learning again without each training slice and scoring that slice; or not at all.
+HELD_OUT, LEAVE_ONE_SLICE_OUT, NOT_VALIDATED = "held_out", "leave_one_slice_out", "none"
+PROMPT_KINDS = ("click", "box", "box_then_clicks")
+
+
+def combined_figures(parts: list[dict]) -> dict:
+    """validate_prompts' figures over several sets of slices (the folds of a leave-one-slice-out validation) as
+    one: the mean over all their slices."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    weights = np.asarray([p["slices"] for p in parts], dtype=float)
+    mean = lambda values: round(float(np.average(values, weights=weights)), 4)
+    return {"slices": int(weights.sum()), "one_click_dice": mean([p["one_click_dice"] for p in parts]),
+            "box_dice": mean([p["box_dice"] for p in parts]),
+            "box_then_clicks_dice": [mean(step) for step in zip(*(p["box_then_clicks_dice"] for p in parts))]}
+
+
+def held_out_record(figures: dict, **details) -> dict:
+    """The validation record of a result scored on held-out slices; figures: {"learned"/"vanilla"...: figures}."""
+    slices = max((f.get("slices", 0) for f in figures.values()), default=0)
+    return {"method": HELD_OUT, "slices": slices, "held_out_slices": slices, **figures, **details}
+
+
+def leave_one_out_record(folds: list[dict], names: tuple[str, ...], **details) -> dict:
+    """The validation record of a result learned on every labelled slice: each fold ({"slice": where, name:
+    figures}) learned without its slice and scored it; the figures under each name are the folds' mean. No slice
+    was held out of the result itself (held_out_slices 0)."""
+    return {"method": LEAVE_ONE_SLICE_OUT, "slices": len(folds), "held_out_slices": 0,
+            **{name: combined_figures([fold[name] for fold in folds]) for name in names}, "folds": folds, **details}
+
+
+def no_validation_record(note: str) -> dict:
+    return {"method": NOT_VALIDATED, "slices": 0, "held_out_slices": 0, "note": note}
+
+
+def prompt_kind(has_box: bool, has_clicks: bool) -> str:
+    """Which of PROMPT_KINDS a prompt is: clicks only, a box only, or a box with (corrective) clicks."""
+    return ("box_then_clicks" if has_clicks else "box") if has_box else "click"
+
+
+def validated_figure(figures: dict | None, kind: str) -> float | None:
+    """The validation Dice for a kind of prompt: one click; the jittered box; the box after its corrective clicks."""
+    figures = figures or {}
+    if kind == "click":
+        return figures.get("one_click_dice")
+    if kind == "box":
+        return figures.get("box_dice")
+    steps = figures.get("box_then_clicks_dice")
+    return steps[-1] if steps else None
+
+
+def auto_choice(validation: dict | None, learned: str, baseline: str, default: dict[str, str]) -> dict[str, str]:
+    """Per prompt kind, which of a learned result (its validation figures under `learned`) and what answers without
+    it (under `baseline`) validated better; where the figures tie or either is missing, `default`'s choice."""
+    validation = validation or {}
+    choice = {}
+    for kind in PROMPT_KINDS:
+        ours, theirs = (validated_figure(validation.get(name), kind) for name in (learned, baseline))
+        if ours is None or theirs is None or ours == theirs:
+            choice[kind] = default[kind]
+        else:
+            choice[kind] = learned if ours > theirs else baseline
+    return choice
 
 
 def labelled_cases(request: dict, datastore) -> tuple[str, int, list[tuple[str, str]]]:
@@ -223,6 +292,13 @@ class LabelTrainTask(BasicTrainTask):
     def annotated_slice(self, plan: dict, value: int) -> tuple[torch.Tensor, np.ndarray]:
         """(C, rows, cols) image slice in [0, 1] (normalised as the infer task does) and its (rows, cols) mask."""
         return self.annotated_slice_at(plan["image"], plan["label"], plan["axis"], plan["index"], value)
+
+    def validation_slice(self, plan: dict, value: int) -> tuple:
+        """A planned slice as lib.core.evaluation.validate_prompts takes it: (image slice, mask, axis, index, the
+        key its embeddings are cached under)."""
+        slice_image, mask = self.annotated_slice(plan, value)
+        return slice_image, mask, plan["axis"], plan["index"], EmbeddingKey(plan["image"], None, plan["axis"],
+                                                                             plan["index"])
 
     def annotated_slice_at(self, image_path: str, label_path: str, axis, index, value: int):
         image, _ = self._volumes.get_or_compute(image_path, lambda: load_image(image_path))

@@ -2,9 +2,9 @@
 
 A request names its label (Slicer's segment name, `label`); when that label has a trained adapter, the adapted
 model answers (clicks and boxes go to it directly: it was trained on both), else the frozen backbone does, exactly
-as the plain interactive task would. `adapter`: "auto" (the default: the adapter, unless its validation on held-out
-slices found the frozen model better for this kind of prompt, click or box), "none" (the frozen backbone even when
-an adapter exists) or the name of a trained label (that adapter, always). New adapters are used at the next request.
+as the plain interactive task would. `adapter`: "auto" (the default: the adapter, unless its validation found the
+frozen model better for this kind of prompt: clicks, a box, or a box with clicks), "none" (the frozen backbone even
+when an adapter exists) or the name of a trained label (that adapter, always). New adapters are used at the next request.
 
 Adapters trained with a depth branch see stacks of slices: the slices are encoded in stacks of `depth` aligned on
 multiples of it (one encoder pass serves every slice of its stack), so each slice's embedding carries its
@@ -33,10 +33,18 @@ from lib.core.transforms.geometry import ModelFrame, Window, in_plane_axes, past
 from lib.core.images import write_label
 from lib.core.predictor import PredictorSettings, PromptPredictor
 from lib.core.prompts import SlicePrompt, parse_prompt
+from lib.core.training import auto_choice, prompt_kind
 
 logger = logging.getLogger(__name__)
 
 MAX_VOLUME_SLICES = 512
+# What `auto` answers with when the validation cannot say (no figures, or a tie): the adapter, trained for this label.
+AUTO_DEFAULT = {"click": "adapted", "box": "adapted", "box_then_clicks": "adapted"}
+
+
+def msa_auto_choice(validation: dict | None) -> dict[str, str]:
+    """Per prompt kind, "adapted" or "frozen" (the frozen model as the app serves it): whichever validated better."""
+    return auto_choice(validation, "adapted", "frozen", AUTO_DEFAULT)
 
 
 class AdapterInfer(InferTask):
@@ -60,7 +68,8 @@ class AdapterInfer(InferTask):
                     "trainable_fraction": (meta.get("parameters") or {}).get("trainable_fraction"),
                     "num_slices": meta.get("num_slices"), "images": meta.get("images"),
                     "depth": (meta.get("training") or {}).get("depth", 1),
-                    "validation": meta.get("validation"), "trained_at": meta.get("trained_at")}
+                    "validation": meta.get("validation"), "auto_choice": msa_auto_choice(meta.get("validation")),
+                    "trained_at": meta.get("trained_at")}
             for label, meta in self.store.info().items()}
         return info
 
@@ -96,22 +105,23 @@ class AdapterInfer(InferTask):
             path, info = self.frozen(request)
             return path, {**info, "adapter": None}
         if choice == "auto":
-            kind = "box" if req.get("roi") else "click"
+            clicks = requests.as_list(req.get("foreground"), "foreground") + requests.as_list(req.get("background"),
+                                                                                           "background")
+            kind = prompt_kind(bool(requests.as_list(req.get("roi"), "roi")), bool(clicks))
             if not self.adapter_validated_better(adapted[1], kind):
                 path, info = self.frozen(request)
                 return path, {**info, "adapter": None,
-                              "adapter_skipped": f"the frozen model validated better on {kind}s for {name!r}"}
+                              "adapter_skipped": f"the frozen model validated better for {name!r} on prompts of "
+                                                 f"kind {kind!r}"}
         return self.run_adapted(req, name, *adapted)
 
     @staticmethod
     def adapter_validated_better(meta: dict, kind: str) -> bool:
-        """Whether the adapter beat the frozen model (as served) on the held-out slices for this kind of prompt.
-        On the Colin27 thalamus the frozen model's click (box search) scored 0.79 against the adapter's 0.72, while
-        the adapter's box scored 0.85 against 0.56: per label and prompt kind, the better one answers."""
-        validation = meta.get("validation") or {}
-        metric = "one_click_dice" if kind == "click" else "box_dice"
-        adapted, frozen = (validation.get(k, {}).get(metric) for k in ("adapted", "frozen"))
-        return adapted is None or frozen is None or adapted >= frozen
+        """Whether the adapter did at least as well as the frozen model (as served) in its validation (held-out
+        slices, or leave-one-slice-out) for this kind of prompt (lib.core.training.PROMPT_KINDS). On the Colin27
+        thalamus the frozen model's click (box search) scored 0.79 against the adapter's 0.72, while the adapter's
+        box scored 0.85 against 0.56: per label and prompt kind, the better one answers."""
+        return msa_auto_choice(meta.get("validation"))[kind] == "adapted"
 
     def run_adapted(self, req: dict, name: str, model, meta: dict, stamp) -> Tuple[str, Dict]:
         begin = time.perf_counter()

@@ -20,7 +20,7 @@ from lib.core import requests
 from lib.core.backbone import Backbone
 from lib.core.cache import EmbeddingKey
 from lib.core.errors import bad_request, not_found
-from lib.core.images import write_label
+from lib.core.images import image_kind, write_label
 from lib.core.predictor import PredictorSettings, PromptPredictor
 from lib.core.prompts import SlicePrompt, parse_prompt
 from lib.core.transforms.geometry import paste_slice
@@ -32,9 +32,12 @@ class PromptEncoderChoice(Protocol):
     """Which prompt encoder answers a request (SAMassist's learned ones, injected by the configs): None for the
     model's own."""
 
-    def encoder_for(self, model: torch.nn.Module, label: str | None, prompt: SlicePrompt, choice: str): ...
+    def encoder_for(self, model: torch.nn.Module, label: str | None, prompt: SlicePrompt, choice: str,
+                    image_kind: str | None = None): ...
 
     def info(self) -> dict: ...
+
+    def click_model_info(self) -> dict: ...
 
 
 class SamInteractiveInfer(InferTask):
@@ -73,6 +76,7 @@ class SamInteractiveInfer(InferTask):
         info = super().info()
         # What SAMassist learned, per label: /info shows it to clients and data managers.
         info["learned_prompts"] = self.prompt_encoders.info() if self.prompt_encoders else {}
+        info["click_model"] = self.prompt_encoders.click_model_info() if self.prompt_encoders else {"available": False}
         return info
 
     @property
@@ -82,6 +86,14 @@ class SamInteractiveInfer(InferTask):
     def predictor(self, zoom: bool) -> PromptPredictor:
         settings = self.settings if zoom == self.settings.zoom else dataclasses.replace(self.settings, zoom=zoom)
         return self.backbone.predictor(settings)
+
+    def _encoder_name(self, encoder) -> str:
+        """Which prompt encoder answered: the label's learned one, the click model, or the model's own."""
+        if encoder is None:
+            return "vanilla"
+        if self.prompt_encoders and encoder is self.prompt_encoders.click_model(self.model.prompt_encoder):
+            return "click_model"
+        return "learned"
 
     # -- request ---------------------------------------------------------------------------------------------
     def __call__(self, request: Dict[str, Any]) -> Tuple[Union[str, None], Dict]:
@@ -103,10 +115,11 @@ class SamInteractiveInfer(InferTask):
         slice_image = image.normalised_slice(prompt.axis, prompt.index, intensity)
         cache_key = EmbeddingKey(image.fingerprint, range_key, prompt.axis, prompt.index)
         label_name = req.get("label") or None
-        learned = (self.prompt_encoders.encoder_for(self.model, label_name, prompt, req.get("prompt_encoder") or "auto")
-                   if self.prompt_encoders else None)
+        learned = (self.prompt_encoders.encoder_for(self.model, label_name, prompt, req.get("prompt_encoder") or "auto",
+                                                    image_kind(modality, image)) if self.prompt_encoders else None)
         predictor = self.predictor(requests.flag(req, "zoom", True))
         mask, info = predictor.predict(slice_image, prompt, cache_key, learned)
+        encoder_name = self._encoder_name(learned)
 
         label = paste_slice(mask.astype(np.uint8) * label_value, image.spatial_shape, prompt.axis, prompt.index)
         write_start = time.perf_counter()
@@ -122,7 +135,8 @@ class SamInteractiveInfer(InferTask):
                       "encoder_runs": info["encoder_runs"]},
             "prompt": "box" if prompt.box is not None else "clicks",
             "refined_object": info.get("object_memory", False),
-            "learned_prompt": label_name if learned is not None else None,
+            "learned_prompt": label_name if encoder_name == "learned" else None,
+            "prompt_encoder": encoder_name,
             "zoom": {"applied": info["zoomed"], "window_rc": info["window"]},
             "box_rc": info["box_rc"], "predicted_iou": info["predicted_iou"],
             "device": str(self.backbone.device),

@@ -163,6 +163,13 @@ class ClickModelLearner:
                 "targets": int(sum(len(item.targets) for item in self.slices))}
 
 
+def served_image_kinds(state: dict) -> tuple[str, ...]:
+    """The kinds of image ("MR/3D": modality/dimensions) whose clicks the click model answers (the others keep
+    the box search): those where benchmarks/bench_interactive.py measured it better, as its training command
+    recorded them."""
+    return tuple(state.get("image_kinds") or ())
+
+
 def load_click_model(template: torch.nn.Module, path: str = WEIGHTS):
     """The shipped click model: a copy of `template` (the model's prompt encoder) with its weights; None when the
     file is missing (clicks then fall back to the box search)."""

@@ -8,8 +8,11 @@ What a run does, in the subprocess MONAI Label starts for training:
 2. Encodes those slices once with the frozen image encoder, then trains a copy of the prompt encoder with MONAI's
    ignite SupervisedTrainer: one epoch is one optimisation step over all annotated slices (the paper's iteration),
    so `GET /train/` and `/info` (train_stats) follow the run step by step.
-3. Validates on labelled slices it did not train on (one click; box then corrective clicks), for the learned and the
-   vanilla prompt encoder alike, through the same predictor the infer task uses.
+3. Validates on labelled slices it did not train on (one click; box then corrective clicks), for the learned prompt
+   encoder and for what the infer task answers without it (the click model or the box search for clicks, the
+   vanilla encoder for boxes), through the same predictor the infer task uses. When every labelled slice trained,
+   it validates leave-one-slice-out: the prompt encoder is learned again without each training slice, which it
+   then scores. The infer task's `auto` answers each kind of prompt with whichever scored better.
 4. Saves the learned encoder and what was learned to the per-label store, atomically: the infer task serves it at
    the next click. A failed or stopped run leaves the store as it was, and says why in train_stats.
 """
@@ -30,12 +33,15 @@ from monai.engines import SupervisedTrainer
 from monailabel.tasks.train.basic_train import Context
 
 from lib.core.evaluation import validate_prompts
-from lib.core.cache import EmbeddingKey, LRUCache
+from lib.core.cache import LRUCache
 from lib.core.predictor import ObjectMemory, PredictorSettings, PromptPredictor
 from lib.core.requests import parse_flag
 from lib.core.stores import LabelStore
 from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, count_labelled_slices,
-                               evenly_spread, foreground_slices, int_field, labelled_cases, labelled_volumes, number_field)
+                               evenly_spread, foreground_slices, held_out_record, int_field, labelled_cases,
+                               labelled_volumes, leave_one_out_record, no_validation_record, number_field)
+from lib.sammed.click_model import load_click_model
+from lib.sammed.learned_prompts import click_model_path_for, samassist_auto_choice
 from lib.sammed.sapnet import SAPNetLearner
 from lib.core.losses import segmentation_loss
 from lib.sammed.samassist import PromptEncoderLearner, PromptLearningSettings, select_training_slices, state_dict_of
@@ -89,6 +95,16 @@ class SAMassistTrainTask(LabelTrainTask):
                   "auto": True, "images": []}
         super().__init__(model_dir, description, config, model_factory, store, device, modality, ct_window,
                          predictor_settings, encoder_runtime, runtime_cache_dir)
+        # The app's settings (from_settings), which say whether the served model answers untaught clicks with the
+        # click model (the validation's baseline for clicks); none given: the defaults.
+        self.served_settings: dict = {}
+
+    @classmethod
+    def from_settings(cls, model_dir: str, model_factory, store: LabelStore, settings: dict,
+                      runtime_cache_dir: str | None = None):
+        task = super().from_settings(model_dir, model_factory, store, settings, runtime_cache_dir)
+        task.served_settings = settings
+        return task
 
     def retrain_params(self, retrain: dict, labelled_slices: int) -> dict:
         """New labels are for learning: a retrain trains on every labelled slice but one (up to MAX_SLICES), the one
@@ -137,6 +153,8 @@ class SAMassistTrainTask(LabelTrainTask):
                         f"{os.path.basename(plan['image'])} index {plan['index']} ({int(mask.sum())} labelled pixels)")
         context.learner = learner
         context.encode_seconds = time.perf_counter() - start
+        click_model = click_model_path_for(context.request.get("model"), self.served_settings)
+        context.click_model = load_click_model(model.prompt_encoder, click_model) if click_model else None
         return learner.trainable_encoder()
 
     def optimizer(self, context: Context):
@@ -198,7 +216,8 @@ class SAMassistTrainTask(LabelTrainTask):
                        for p in context.train_datalist],
             "num_slices": len(context.train_datalist), "iterations": learner.settings.iterations,
             "final_loss": round(context.losses[-1], 5), "train_seconds": round(train_seconds, 1),
-            "validation": validation, "auto": auto, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "validation": validation, "auto_choice": samassist_auto_choice(validation), "auto": auto,
+            "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "retrain": self.retrain_info(request),
         }
         self.store.save(request["label"], learned_state, info, extra)
@@ -218,22 +237,58 @@ class SAMassistTrainTask(LabelTrainTask):
         return learned
 
     def validate(self, context: Context, learned: torch.nn.Module) -> dict:
-        """Dice on the held-out labelled slices, learned vs vanilla prompt encoder."""
+        """Dice of the learned prompt encoder and of the baseline (what the infer task answers without it) on
+        held-out labelled slices; with none held out, leave-one-slice-out over the training slices."""
         held_out = [p for p in context.datalist if p["role"] == "validation"]
-        if not held_out:
-            return {"held_out_slices": 0,
-                    "note": "every labelled slice was used for training: label more slices to get a validation Dice"}
-        model, value = context.learner.model, context.request["label_value"]
-        slices = []
-        for plan in held_out:
-            slice_image, mask = self.annotated_slice(plan, value)
-            slices.append((slice_image, mask, plan["axis"], plan["index"],
-                           EmbeddingKey(plan["image"], None, plan["axis"], plan["index"])))
+        baseline = {"click": "box_search" if context.click_model is None else "click_model", "box": "vanilla",
+                    "box_then_clicks": "vanilla"}
+        if held_out:
+            slices = [self.validation_slice(plan, context.request["label_value"]) for plan in held_out]
+            return held_out_record(self.score(context, learned, slices, seed=0), baseline=baseline)
+        return self.leave_one_slice_out(context, baseline)
+
+    def leave_one_slice_out(self, context: Context, baseline: dict) -> dict:
+        """Too few labelled slices to hold any out: for each training slice (up to `validation_slices`, evenly
+        spread), the prompt encoder learned on the others with the same settings scores it. The embeddings are
+        those computed for training; a fold costs one more optimisation run."""
+        learner, plans = context.learner, context.train_datalist
+        folds = evenly_spread(list(range(len(plans))), int(context.request.get("validation_slices", 6)))
+        if not folds:
+            return no_validation_record("validation_slices is 0: not validated")
+        if len(plans) < 2:
+            return no_validation_record("the only labelled slice was used for training: label more slices to get a "
+                                        "validation Dice")
+        records = []
+        for n, left_out in enumerate(folds):
+            self._write_stats({"status": "validating", "label": context.request["label"], "fold": n + 1,
+                               "folds": len(folds), "elapsed_s": round(time.time() - context.start_ts, 1)})
+            fold = PromptEncoderLearner(learner.model, learner.device, learner.settings, encode=learner.encode)
+            fold.slices = [item for i, item in enumerate(learner.slices) if i != left_out]
+            encoder = copy.deepcopy(learner.model.prompt_encoder)
+            encoder.load_state_dict(fold.train().state_dict)
+            plan = plans[left_out]
+            slices = [self.validation_slice(plan, context.request["label_value"])]
+            records.append({"slice": {"image": os.path.basename(plan["image"]), "axis": plan["axis"],
+                                      "index": plan["index"]},
+                            **self.score(context, encoder.eval(), slices, seed=left_out)})
+            logger.info(f"SAMassist {context.request['label']!r}: fold {n + 1}/{len(folds)} (without slice "
+                        f"{plan['index']}): {json.dumps(records[-1])}")
+        return leave_one_out_record(records, ("learned", "vanilla"), baseline=baseline,
+                                    note="too few labelled slices to hold any out: each fold learned the prompt "
+                                         "encoder without one training slice, with the same settings, and scored it")
+
+    def score(self, context: Context, learned: torch.nn.Module, slices: list[tuple], seed: int) -> dict:
+        """validate_prompts for the learned encoder ("learned") and for the baseline ("vanilla", the key earlier
+        records used): the click model (if the served model has one) for clicks alone, the vanilla encoder
+        wherever a box is given, as the infer task answers a label without a learned encoder."""
         embeddings = LRUCache(max(2, 2 * len(slices)))  # each slice encoded once, for both runs
-        result = {"held_out_slices": len(slices)}
-        for name, encoder in (("learned", learned), ("vanilla", None)):
-            predictor = PromptPredictor(model, context.device, embeddings, ObjectMemory(), self.predictor_settings,
-                                        encode=context.encode)
-            predict = lambda slice_image, prompt, key: predictor.predict(slice_image, prompt, key, encoder)[0]
-            result[name] = validate_prompts(predict, slices, np.random.default_rng(0))
+        answers = {"learned": lambda prompt: learned,
+                   "vanilla": lambda prompt: context.click_model if prompt.box is None else None}
+        result = {}
+        for name, encoder_for in answers.items():
+            predictor = PromptPredictor(context.learner.model, context.device, embeddings, ObjectMemory(),
+                                        self.predictor_settings, encode=context.encode)
+            predict = lambda slice_image, prompt, key: predictor.predict(slice_image, prompt, key,
+                                                                         encoder_for(prompt))[0]
+            result[name] = validate_prompts(predict, slices, np.random.default_rng(seed))
         return result
