@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -40,6 +41,25 @@ def read_label(path: str) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(path)).T
+
+
+def decode_multipart(response: requests.Response, tmp_path) -> tuple[dict, np.ndarray]:
+    """An `output=all` answer of /infer: (its JSON, its label read from a file written under tmp_path)."""
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    parts = MultipartDecoder.from_response(response).parts
+    result, label = None, None
+    for part in parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            result = json.loads(part.content)
+        else:
+            name = disposition.split("filename=")[1].strip('"')
+            path = os.path.join(tmp_path, os.path.basename(name))
+            with open(path, "wb") as f:
+                f.write(part.content)
+            label = read_label(path)
+    return result, label
 
 
 class Server:

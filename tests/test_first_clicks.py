@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import dice, read_label, start_on_sample_data
+from helpers import decode_multipart, dice, read_label, start_on_sample_data
 from lib.core.evaluation import Target, box_prompt, click_prompt, component_targets, corrective_session
 
 MODEL = "litemedsam"
@@ -48,18 +48,7 @@ def served_mask(server, image: str, k: int | None, prompt, tmp_path, extra: dict
     response = requests.post(f"{server.url}/infer/{MODEL}", params={"image": image, "output": "all"},
                              data={"params": json.dumps(params)}, timeout=600)
     assert response.status_code == 200, response.text
-    from requests_toolbelt.multipart.decoder import MultipartDecoder
-
-    result, label = None, None
-    for part in MultipartDecoder.from_response(response).parts:
-        disposition = part.headers[b"Content-Disposition"].decode()
-        if 'name="params"' in disposition:
-            result = json.loads(part.content)
-        else:
-            path = os.path.join(tmp_path, os.path.basename(disposition.split("filename=")[1].strip('"')))
-            with open(path, "wb") as f:
-                f.write(part.content)
-            label = read_label(path)
+    result, label = decode_multipart(response, tmp_path)
     mask = (label[:, :, k] if k is not None else label).T > 0
     return mask, result
 

@@ -16,9 +16,8 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
-from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from helpers import dice, read_label, start_on_sample_data
+from helpers import decode_multipart, dice, read_label, start_on_sample_data
 from lib.core.evaluation import component_targets
 
 MODEL = "litemedsam"
@@ -47,22 +46,6 @@ def ground_truth(server, image: str) -> np.ndarray:
 def post_infer(server, image: str, params: dict) -> requests.Response:
     return requests.post(f"{server.url}/infer/{MODEL}", params={"image": image},
                          data={"params": json.dumps(params)}, timeout=300)
-
-
-def decode_multipart(response: requests.Response, tmp_path) -> tuple[dict, np.ndarray]:
-    parts = MultipartDecoder.from_response(response).parts
-    result, label = None, None
-    for part in parts:
-        disposition = part.headers[b"Content-Disposition"].decode()
-        if 'name="params"' in disposition:
-            result = json.loads(part.content)
-        else:
-            name = disposition.split("filename=")[1].strip('"')
-            path = os.path.join(tmp_path, os.path.basename(name))
-            with open(path, "wb") as f:
-                f.write(part.content)
-            label = read_label(path)
-    return result, label
 
 
 def test_info_lists_the_promptable_model(server):
