@@ -82,7 +82,7 @@ def test_samassist_with_two_labelled_slices_validates_leave_one_slice_out(two_sl
     store = LabelStore(str(tmp_path / "prompts"))
     # A click model for the served LiteMedSAM (here its own prompt encoder's weights): the baseline for clicks.
     click_model = str(tmp_path / "click_model.pt")
-    torch.save({"prompt_encoder": litemedsam.prompt_encoder.state_dict()}, click_model)
+    torch.save({"prompt_encoder": litemedsam.prompt_encoder.state_dict(), "image_kinds": ["MR/3D"]}, click_model)
     settings = {"device": "cpu", "modality": "", "ct_window": None, "zoom": WHOLE_SLICES.zoom,
                 "encoder_runtime": "eager", "litemedsam_checkpoint": "", "click_model_weights": click_model}
     task = SAMassistTrainTask.from_settings(str(tmp_path / "train"), lambda device: litemedsam, store, settings)

@@ -40,7 +40,8 @@ from lib.core.stores import LabelStore
 from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestError, count_labelled_slices,
                                evenly_spread, foreground_slices, held_out_record, int_field, labelled_cases,
                                labelled_volumes, leave_one_out_record, no_validation_record, number_field)
-from lib.sammed.click_model import load_click_model
+from lib.core.images import image_kind, load_image
+from lib.sammed.click_model import load_click_model, served_image_kinds
 from lib.sammed.learned_prompts import click_model_path_for, samassist_auto_choice
 from lib.sammed.sapnet import SAPNetLearner
 from lib.core.losses import segmentation_loss
@@ -153,9 +154,21 @@ class SAMassistTrainTask(LabelTrainTask):
                         f"{os.path.basename(plan['image'])} index {plan['index']} ({int(mask.sum())} labelled pixels)")
         context.learner = learner
         context.encode_seconds = time.perf_counter() - start
-        click_model = click_model_path_for(context.request.get("model"), self.served_settings)
-        context.click_model = load_click_model(model.prompt_encoder, click_model) if click_model else None
+        context.click_model = self.click_model_baseline(context, model)
         return learner.trainable_encoder()
+
+    def click_model_baseline(self, context: Context, model):
+        """The click model when the infer task would answer this label's clicks with it (the served model has one,
+        and it answers this kind of image), else None (the box search)."""
+        path = click_model_path_for(context.request.get("model"), self.served_settings)
+        if not path or not os.path.isfile(path):
+            return None
+        plan = context.train_datalist[0]
+        image, _ = self._volumes.get_or_compute(plan["image"], lambda: load_image(plan["image"]))
+        (modality, _), _ = image.intensity(self.modality, self.ct_window)
+        if image_kind(modality, image) not in served_image_kinds(torch.load(path, map_location="cpu", weights_only=True)):
+            return None
+        return load_click_model(model.prompt_encoder, path)
 
     def optimizer(self, context: Context):
         return context.learner.optimizer(context.network)
