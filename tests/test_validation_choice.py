@@ -75,7 +75,7 @@ def assert_leave_one_slice_out(validation: dict, left_out: list[int], names: tup
 
 # -- leave-one-slice-out, through real (short) training runs -----------------------------------------------------
 def test_samassist_with_two_labelled_slices_validates_leave_one_slice_out(two_slice_datastore, litemedsam, tmp_path):
-    from lib.sammed.learned_prompts import samassist_auto_choice
+    from lib.sammed.samassist import samassist_auto_choice
     from lib.sammed.train_task import SAMassistTrainTask
 
     datastore, labelled = two_slice_datastore
@@ -99,7 +99,7 @@ def test_samassist_with_two_labelled_slices_validates_leave_one_slice_out(two_sl
 
 
 def test_msa_with_two_labelled_slices_validates_leave_one_slice_out(two_slice_datastore, litemedsam, tmp_path):
-    from lib.msa.infer import msa_auto_choice
+    from lib.msa.learner import msa_auto_choice
     from lib.msa.train_task import FOLD_EPOCHS, MSATrainTask
 
     datastore, labelled = two_slice_datastore
@@ -121,7 +121,7 @@ def test_msa_with_two_labelled_slices_validates_leave_one_slice_out(two_slice_da
 
 def test_only_litemedsam_with_its_default_weights_has_a_click_model_baseline():
     from lib.sammed.click_model import WEIGHTS
-    from lib.sammed.learned_prompts import click_model_path_for
+    from lib.sammed.click_model import click_model_path_for
 
     assert click_model_path_for("litemedsam", {"litemedsam_checkpoint": "", "click_model_weights": ""}) == WEIGHTS
     assert click_model_path_for("litemedsam", {"click_model_weights": "/elsewhere.pt"}) == "/elsewhere.pt"

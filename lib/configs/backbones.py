@@ -12,7 +12,8 @@ import os
 from lib.core.backbone import Backbone
 from lib.core.stores import LabelStore
 from lib.sam.interactive import SamInteractiveInfer
-from lib.sammed.learned_prompts import LearnedPromptEncoders, click_model_path_for
+from lib.sammed.click_model import click_model_path_for
+from lib.sammed.learned_prompts import LearnedPromptEncoders
 
 LITEMEDSAM = "litemedsam"
 
@@ -85,7 +86,7 @@ class ServedModels:
         return self._prompt_stores[name]
 
     def click_model_path(self, name: str) -> str | None:
-        """The click model's weights for a model (lib.sammed.learned_prompts.click_model_path_for)."""
+        """The click model's weights for a model (lib.sammed.click_model.click_model_path_for)."""
         return click_model_path_for(name, self.settings)
 
     def interactive(self, name: str) -> SamInteractiveInfer:

@@ -230,20 +230,20 @@ class PromptPredictor:
 
         Anchors say "the object is here": the foreground clicks and, with a box, the box's centre. When some
         component holds an anchor, only anchored components are kept (a blob elsewhere is not the object); else,
-        without a box, the components a background click falls in are dropped. A background click in a kept component (put to
-        cut a leak; with a box, any component it falls in) removes the pixels nearer to it than to any anchor.
-        With a box, only within twice the click's
-        depth in the mask: the leak it sits in, not everything past the half-way line to the box's centre, which
-        took true tissue with it (box + 1 corrective click fell from 0.837 to 0.808 mean Dice on the held-out
-        targets of benchmarks/bench_interactive.py; capped, it rises to 0.848). Without a box the cut is not
-        capped: a first click's mask can be a whole organ, and the cut must reach across it."""
+        without a box, the components a background click falls in are dropped. A background click in a kept
+        component (put to cut a leak; with a box and no anchored component, in any component) removes the pixels
+        nearer to it than to any anchor. With a box, only within twice the click's depth in the mask: the leak it
+        sits in, not everything past the half-way line to the box's centre, which took true tissue with it (box +
+        1 corrective click fell from 0.837 to 0.808 mean Dice on the held-out targets of
+        benchmarks/bench_interactive.py; capped, it rises to 0.848). Without a box the cut is not capped: a first
+        click's mask can be a whole organ, and the cut must reach across it."""
         if not mask.any() or (not len(prompt.foreground) and not len(prompt.background)):
             return mask
         anchors = prompt.foreground.reshape(-1, 2)
         if prompt.box is not None:
             r0, c0, r1, c1 = prompt.box
             anchors = np.concatenate([anchors, np.array([[(r0 + r1) / 2, (c0 + c1) / 2]], np.float32)])
-        components, count = ndimage.label(mask)
+        components, _ = ndimage.label(mask)
         at = lambda pts: {int(components[int(round(r)), int(round(c))]) for r, c in pts} - {0}
         anchored, cut = at(anchors), at(prompt.background)
         if not anchored and prompt.box is None:

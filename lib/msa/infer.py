@@ -33,18 +33,12 @@ from lib.core.transforms.geometry import ModelFrame, Window, in_plane_axes, past
 from lib.core.images import write_label
 from lib.core.predictor import PredictorSettings, PromptPredictor
 from lib.core.prompts import SlicePrompt, parse_prompt
-from lib.core.training import auto_choice, prompt_kind
+from lib.core.training import prompt_kind
+from lib.msa.learner import msa_auto_choice
 
 logger = logging.getLogger(__name__)
 
 MAX_VOLUME_SLICES = 512
-# What `auto` answers with when the validation cannot say (no figures, or a tie): the adapter, trained for this label.
-AUTO_DEFAULT = {"click": "adapted", "box": "adapted", "box_then_clicks": "adapted"}
-
-
-def msa_auto_choice(validation: dict | None) -> dict[str, str]:
-    """Per prompt kind, "adapted" or "frozen" (the frozen model as the app serves it): whichever validated better."""
-    return auto_choice(validation, "adapted", "frozen", AUTO_DEFAULT)
 
 
 class AdapterInfer(InferTask):

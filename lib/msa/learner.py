@@ -25,6 +25,7 @@ from lib.models.sam.adapters import AdapterSettings, add_adapters, split_encoder
 from lib.core.transforms.geometry import ModelFrame, Window, resize_to_model
 from lib.core.evaluation import jitter_box
 from lib.core.losses import segmentation_loss
+from lib.core.training import auto_choice
 
 
 @dataclass(frozen=True)
@@ -167,3 +168,12 @@ class AdapterLearner:
             if progress:
                 progress(epoch + 1, self.settings.epochs, losses[-1])
         return {"losses": losses, "seconds": time.perf_counter() - start}
+
+
+# What `auto` answers with when the validation cannot say (no figures, or a tie): the adapter, trained for this label.
+AUTO_DEFAULT = {"click": "adapted", "box": "adapted", "box_then_clicks": "adapted"}
+
+
+def msa_auto_choice(validation: dict | None) -> dict[str, str]:
+    """Per prompt kind, "adapted" or "frozen" (the frozen model as the app serves it): whichever validated better."""
+    return auto_choice(validation, "adapted", "frozen", AUTO_DEFAULT)

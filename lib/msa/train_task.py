@@ -43,8 +43,7 @@ from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestEr
                                evenly_spread, foreground_slices, held_out_record, int_field,
                                labelled_cases, labelled_volumes, leave_one_out_record, no_validation_record,
                                number_field)
-from lib.msa.infer import msa_auto_choice
-from lib.msa.learner import AdapterLearner, AdapterTrainingSettings
+from lib.msa.learner import AdapterLearner, AdapterTrainingSettings, msa_auto_choice
 from lib.core.losses import segmentation_loss
 
 logger = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ import torch
 
 from lib.core.evaluation import corrective_click
 from lib.core.losses import segmentation_loss
+from lib.core.settings import REPO_ROOT, resolve_path
 from lib.core.transforms.geometry import ModelFrame, Window, crop_window, resize_to_model
 from lib.sammed.samassist import sample_points, state_dict_of
 
@@ -170,12 +171,34 @@ def served_image_kinds(state: dict) -> tuple[str, ...]:
     return tuple(state.get("image_kinds") or ())
 
 
-def load_click_model(template: torch.nn.Module, path: str = WEIGHTS):
-    """The shipped click model: a copy of `template` (the model's prompt encoder) with its weights; None when the
-    file is missing (clicks then fall back to the box search)."""
+def read_click_model(path: str) -> dict | None:
+    """The click model's file (weights, image kinds, what it learned from), or None when it is missing."""
     if not path or not os.path.isfile(path):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def click_model_encoder(template: torch.nn.Module, state: dict) -> torch.nn.Module:
+    """A copy of `template` (the model's prompt encoder) with the click model's weights."""
     encoder = copy.deepcopy(template)
     encoder.load_state_dict(state["prompt_encoder"], strict=True)
     return encoder.to(next(template.parameters()).device).eval().requires_grad_(False)
+
+
+def load_click_model(template: torch.nn.Module, path: str = WEIGHTS):
+    """The shipped click model as a copy of `template`; None when the file is missing (clicks then fall back to
+    the box search)."""
+    state = read_click_model(path)
+    return click_model_encoder(template, state) if state is not None else None
+
+
+def click_model_path_for(model_name: str | None, settings: dict) -> str | None:
+    """The click model's weights for a served model, as the app decides them (lib/configs/backbones.py,
+    ServedModels.click_model_path): LiteMedSAM with its default weights only (no `litemedsam_checkpoint`; the
+    click model was learned on them); `click_model_weights` names another file, or `none`."""
+    if model_name != "litemedsam" or settings.get("litemedsam_checkpoint"):
+        return None
+    configured = str(settings.get("click_model_weights") or "")
+    if configured.lower() == "none":
+        return None
+    return resolve_path(configured, REPO_ROOT) if configured else WEIGHTS

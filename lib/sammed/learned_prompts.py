@@ -16,10 +16,10 @@ import torch
 
 from lib.core.errors import bad_request, not_found
 from lib.core.prompts import SlicePrompt
-from lib.core.settings import REPO_ROOT, resolve_path
 from lib.core.stores import LabelStore
-from lib.core.training import auto_choice, prompt_kind
-from lib.sammed.click_model import WEIGHTS as CLICK_MODEL_WEIGHTS, load_click_model, served_image_kinds
+from lib.core.training import prompt_kind
+from lib.sammed.click_model import click_model_encoder, read_click_model, served_image_kinds
+from lib.sammed.samassist import samassist_auto_choice
 
 CHOICES = ("auto", "learned", "vanilla", "click_model")
 
@@ -40,38 +40,43 @@ class LearnedPromptEncoders:
         box search)."""
         self.store = store
         self.click_model_path = click_model_path
+        self._click_state: dict | None = None  # the click model's file, read once
         self._click_model = None
-        self._click_image_kinds: tuple[str, ...] = ()
         self._lock = threading.Lock()
 
     def info(self) -> dict:
         return self.store.info()
 
+    def _click_file(self) -> dict | None:
+        """The click model's file (weights and what it learned from), read once; None without one."""
+        if self._click_state is None and self.click_model_path:
+            self._click_state = read_click_model(self.click_model_path) or {}
+        return self._click_state or None
+
     def click_model_info(self) -> dict:
         """What the click model is: its file and what it learned from (/info)."""
-        if not self.click_model_path or not os.path.isfile(self.click_model_path):
+        with self._lock:
+            state = self._click_file()
+        if state is None:
             return {"available": False}
-        state = torch.load(self.click_model_path, map_location="cpu", weights_only=True)
         return {"available": True, "weights": os.path.basename(self.click_model_path),
                 "image_kinds": list(served_image_kinds(state)), "trained_on": state.get("trained_on"),
                 "steps": state.get("settings", {}).get("steps"), "slices": state.get("slices"),
                 "targets": state.get("targets")}
 
     def click_model(self, template: torch.nn.Module, image_kind: str | None = None):
-        """The click model as a copy of `template` (the served model's prompt encoder), loaded once; or None. With
+        """The click model as a copy of `template` (the served model's prompt encoder), built once; or None. With
         an image kind ("MR/3D": lib.core.images.image_kind): None unless the click model answers that kind (where
         the benchmark measured it better than the box search)."""
-        if not self.click_model_path:
-            return None
         with self._lock:
-            if self._click_model is None:
-                self._click_model = load_click_model(template, self.click_model_path)
-                if self._click_model is not None:
-                    self._click_image_kinds = served_image_kinds(
-                        torch.load(self.click_model_path, map_location="cpu", weights_only=True))
-            if image_kind is not None and image_kind not in self._click_image_kinds:
+            state = self._click_file()
+            if state is None:
                 return None
-            return self._click_model
+            if self._click_model is None:
+                self._click_model = click_model_encoder(template, state)
+        if image_kind is not None and image_kind not in served_image_kinds(state):
+            return None
+        return self._click_model
 
     def encoder_for(self, model: torch.nn.Module, label: str | None, prompt: SlicePrompt, choice: str,
                     image_kind: str | None = None):
@@ -99,17 +104,6 @@ class LearnedPromptEncoders:
         return encoder
 
 
-# What `auto` answers each kind of prompt with when the validation cannot say (no figures, or a tie): clicks the
-# learned encoder (it is what makes clicks work on a box-trained model); a box, alone or with corrective clicks, the
-# vanilla one (on the Colin27 putamen and thalamus it scored higher there: README, SAM^Med).
-AUTO_DEFAULT = {"click": "learned", "box": "vanilla", "box_then_clicks": "vanilla"}
-
-
-def samassist_auto_choice(validation: dict | None) -> dict[str, str]:
-    """Per prompt kind, "learned" or "vanilla" (the baseline: what answers without the learned encoder)."""
-    return auto_choice(validation, "learned", "vanilla", AUTO_DEFAULT)
-
-
 def auto_prompt_encoder(encoders: LearnedPromptEncoders, model: torch.nn.Module, label: str | None,
                         prompt: SlicePrompt, image_kind: str | None = None):
     """`auto`: the label's learned encoder for the kinds of prompt where it validated better than the baseline
@@ -122,15 +116,3 @@ def auto_prompt_encoder(encoders: LearnedPromptEncoders, model: torch.nn.Module,
         return baseline
     encoder = load_learned_encoder(encoders.store, label, model.prompt_encoder)
     return encoder if encoder is not None else baseline
-
-
-def click_model_path_for(model_name: str | None, settings: dict) -> str | None:
-    """The click model's weights for a served model, as the app decides them (lib/configs/backbones.py,
-    ServedModels.click_model_path): LiteMedSAM with its default weights only (no `litemedsam_checkpoint`; the
-    click model was learned on them); `click_model_weights` names another file, or `none`."""
-    if model_name != "litemedsam" or settings.get("litemedsam_checkpoint"):
-        return None
-    configured = str(settings.get("click_model_weights") or "")
-    if configured.lower() == "none":
-        return None
-    return resolve_path(configured, REPO_ROOT) if configured else CLICK_MODEL_WEIGHTS

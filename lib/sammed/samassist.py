@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from lib.core.evaluation import jitter_box
 from lib.core.losses import segmentation_loss
+from lib.core.training import auto_choice
 from lib.core.transforms.geometry import ModelFrame, Window, crop_window, resize_to_model
 
 SCHEMES = ("uniform", "center", "boundary")
@@ -196,3 +197,14 @@ class PromptEncoderLearner:
 def state_dict_of(module: torch.nn.Module) -> dict:
     """A detached CPU copy of a module's weights, ready to save."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+# What `auto` answers each kind of prompt with when the validation cannot say (no figures, or a tie): clicks the
+# learned encoder (it is what makes clicks work on a box-trained model); a box, alone or with corrective clicks, the
+# vanilla one (on the Colin27 putamen and thalamus it scored higher there: README, SAM^Med).
+AUTO_DEFAULT = {"click": "learned", "box": "vanilla", "box_then_clicks": "vanilla"}
+
+
+def samassist_auto_choice(validation: dict | None) -> dict[str, str]:
+    """Per prompt kind, "learned" or "vanilla" (the baseline: what answers without the learned encoder)."""
+    return auto_choice(validation, "learned", "vanilla", AUTO_DEFAULT)

@@ -41,11 +41,11 @@ from lib.core.training import (AnnotatedSlice, LabelTrainTask, TrainingRequestEr
                                evenly_spread, foreground_slices, held_out_record, int_field, labelled_cases,
                                labelled_volumes, leave_one_out_record, no_validation_record, number_field)
 from lib.core.images import image_kind, load_image
-from lib.sammed.click_model import load_click_model, served_image_kinds
-from lib.sammed.learned_prompts import click_model_path_for, samassist_auto_choice
+from lib.sammed.click_model import click_model_encoder, click_model_path_for, read_click_model, served_image_kinds
 from lib.sammed.sapnet import SAPNetLearner
 from lib.core.losses import segmentation_loss
-from lib.sammed.samassist import PromptEncoderLearner, PromptLearningSettings, select_training_slices, state_dict_of
+from lib.sammed.samassist import (PromptEncoderLearner, PromptLearningSettings, samassist_auto_choice,
+                                  select_training_slices, state_dict_of)
 
 logger = logging.getLogger(__name__)
 
@@ -160,15 +160,15 @@ class SAMassistTrainTask(LabelTrainTask):
     def click_model_baseline(self, context: Context, model):
         """The click model when the infer task would answer this label's clicks with it (the served model has one,
         and it answers this kind of image), else None (the box search)."""
-        path = click_model_path_for(context.request.get("model"), self.served_settings)
-        if not path or not os.path.isfile(path):
+        state = read_click_model(click_model_path_for(context.request.get("model"), self.served_settings))
+        if state is None:
             return None
         plan = context.train_datalist[0]
         image, _ = self._volumes.get_or_compute(plan["image"], lambda: load_image(plan["image"]))
         (modality, _), _ = image.intensity(self.modality, self.ct_window)
-        if image_kind(modality, image) not in served_image_kinds(torch.load(path, map_location="cpu", weights_only=True)):
+        if image_kind(modality, image) not in served_image_kinds(state):
             return None
-        return load_click_model(model.prompt_encoder, path)
+        return click_model_encoder(model.prompt_encoder, state)
 
     def optimizer(self, context: Context):
         return context.learner.optimizer(context.network)
